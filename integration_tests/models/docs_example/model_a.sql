@@ -1,0 +1,1 @@
+select customer_id as id from {{ ref('stg_customers') }}

@@ -1,0 +1,1 @@
+select 2024 as calendar_year

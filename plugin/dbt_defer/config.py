@@ -1,0 +1,271 @@
+"""Configuration: project vars + environment variables + dbt's own flags -> one frozen object.
+
+This module is the bottom of the package: it imports nothing of ours and nothing of dbt,
+so it can be unit-tested with plain dicts.
+
+Sources, later wins (SPEC §3):
+1. ``vars: dbt_defer: {...}`` in dbt_project.yml (and ``--vars``);
+2. environment variables ``DBT_DEFER_<NAME>_STATE``, ``DBT_DEFER_DEV_RELATIONS``;
+3. dbt's ``--defer-state`` / ``--state`` as the single environment ``prod`` when nothing
+   above configures one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+DEV = "dev"
+DEV_POLICIES = ("always", "modified", "never")
+DEFAULT_MAX_AGE_HOURS = 72.0
+_ENV_STATE = re.compile(r"^DBT_DEFER_(?P<name>[A-Za-z0-9_]+?)_STATE$")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_KNOWN_KEYS = {
+    "environments",
+    "dev_relations",
+    "limits",
+    "limit_tests",
+    "never_defer",
+    "max_age_hours",
+    "audit_table",
+}
+
+
+class DeferConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the thing, the place, the fix."""
+
+
+@dataclass(frozen=True)
+class EnvironmentSpec:
+    name: str
+    state: str  # absolute local path or a URI
+    source: str  # where it was configured: "vars", "DBT_DEFER_PROD_STATE", "--defer-state", ...
+
+    @property
+    def is_uri(self) -> bool:
+        return is_uri(self.state)
+
+
+@dataclass(frozen=True)
+class DeferConfig:
+    environments: Tuple[EnvironmentSpec, ...] = ()
+    dev_relations: str = "always"
+    dev_relations_source: str = "default"
+    limits: Tuple[Tuple[str, Optional[int]], ...] = ()
+    limit_tests: bool = False
+    never_defer: Tuple[str, ...] = ()
+    max_age_hours: float = DEFAULT_MAX_AGE_HOURS
+    audit_table: bool = False
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.environments)
+
+    def limit_for_target(self, target_name: str) -> Tuple[bool, Optional[int]]:
+        """(True, N) when the running target is a key of ``limits``; (False, None) otherwise."""
+        for name, value in self.limits:
+            if name == target_name:
+                return True, value
+        return False, None
+
+
+def is_uri(state: str) -> bool:
+    return "://" in state
+
+
+def truthy(value: Optional[str]) -> bool:
+    """dbt's reading of boolean env vars such as DBT_DEFER / DBT_FAVOR_STATE."""
+    return value is not None and value.strip().lower() in _TRUE
+
+
+def _where(key: str) -> str:
+    return f"vars: dbt_defer: {key} (dbt_project.yml or --vars)"
+
+
+def _resolve_state(raw: str, project_root: str) -> str:
+    raw = raw.strip()
+    if is_uri(raw):
+        return raw
+    path = os.path.expanduser(raw)
+    if not os.path.isabs(path):
+        path = os.path.join(project_root, path)
+    return os.path.normpath(path)
+
+
+def _check_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name.lower()):
+        raise DeferConfigError(
+            f"dbt-defer: environment name {name!r} in {where} is not valid; "
+            "use a lower-case word such as 'staging' or 'prod'"
+        )
+    name = name.lower()
+    if name == DEV:
+        raise DeferConfigError(
+            f"dbt-defer: environment name 'dev' in {where} is reserved for the current target; "
+            "rename that environment"
+        )
+    return name
+
+
+def _environments_from_vars(raw: Any, project_root: str) -> list:
+    if raw is None:
+        return []
+    where = _where("environments")
+    if not isinstance(raw, (list, tuple)):
+        raise DeferConfigError(
+            f"dbt-defer: {where} must be a list of {{name, state}} mappings, got {type(raw).__name__}"
+        )
+    envs = []
+    seen = set()
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping) or "name" not in item:
+            raise DeferConfigError(
+                f"dbt-defer: item {i} of {where} must be a mapping with 'name' and 'state', got {item!r}"
+            )
+        name = _check_name(item["name"], where)
+        if name in seen:
+            raise DeferConfigError(f"dbt-defer: environment {name!r} is listed twice in {where}; keep one")
+        seen.add(name)
+        state = item.get("state")
+        if state is not None and not isinstance(state, str):
+            raise DeferConfigError(
+                f"dbt-defer: state of environment {name!r} in {where} must be a path or URI string, got {state!r}"
+            )
+        envs.append([name, state or "", "vars"])
+    return envs
+
+
+def _env_var_states(environ: Mapping[str, str]) -> dict:
+    found = {}
+    for key, value in environ.items():
+        m = _ENV_STATE.match(key)
+        if m:
+            name = _check_name(m.group("name").lower(), f"environment variable {key}")
+            found[name] = (key, value)
+    return found
+
+
+def _dev_policy(settings: Mapping[str, Any], environ: Mapping[str, str], favor_state: bool) -> Tuple[str, str]:
+    if favor_state:
+        return "never", "--favor-state"
+    value, source = settings.get("dev_relations"), _where("dev_relations")
+    env_value = environ.get("DBT_DEFER_DEV_RELATIONS")
+    if env_value:
+        value, source = env_value, "DBT_DEFER_DEV_RELATIONS"
+    if value is None:
+        return "always", "default"
+    if not isinstance(value, str) or value.strip().lower() not in DEV_POLICIES:
+        raise DeferConfigError(
+            f"dbt-defer: {source} is {value!r}; use one of: {', '.join(DEV_POLICIES)}"
+        )
+    return value.strip().lower(), source
+
+
+def _limits(raw: Any) -> Tuple[Tuple[str, Optional[int]], ...]:
+    if raw is None:
+        return ()
+    where = _where("limits")
+    if not isinstance(raw, Mapping):
+        raise DeferConfigError(f"dbt-defer: {where} must map target names to row counts, e.g. {{dev: 1000}}")
+    out = []
+    for target, value in raw.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise DeferConfigError(
+                f"dbt-defer: {where} for target {target!r} is {value!r}; use a whole number >= 0, or null for no limit"
+            )
+        out.append((str(target), value))
+    return tuple(out)
+
+
+def _bool(settings: Mapping[str, Any], key: str) -> bool:
+    value = settings.get(key, False)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | {"0", "false", "f", "no", "n", "off"}:
+        return value.strip().lower() in _TRUE
+    if not isinstance(value, bool):
+        raise DeferConfigError(f"dbt-defer: {_where(key)} is {value!r}; use true or false")
+    return value
+
+
+def _never_defer(raw: Any) -> Tuple[str, ...]:
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(s, str) and s.strip() for s in raw):
+        raise DeferConfigError(
+            f"dbt-defer: {_where('never_defer')} must be a list of dbt selectors, e.g. [\"tag:pii\"]"
+        )
+    return tuple(s.strip() for s in raw)
+
+
+def _max_age(raw: Any) -> float:
+    if raw is None:
+        return DEFAULT_MAX_AGE_HOURS
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw <= 0:
+        raise DeferConfigError(f"dbt-defer: {_where('max_age_hours')} is {raw!r}; use a positive number of hours")
+    return float(raw)
+
+
+def load_config(
+    settings: Optional[Mapping[str, Any]],
+    environ: Mapping[str, str],
+    project_root: str,
+    *,
+    defer_state: Optional[str] = None,
+    state: Optional[str] = None,
+    favor_state: bool = False,
+) -> DeferConfig:
+    """Build the one frozen configuration object. Raises DeferConfigError on bad input."""
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, Mapping):
+        raise DeferConfigError(
+            "dbt-defer: vars: dbt_defer must be a mapping (environments, limits, ...); "
+            f"got {type(settings).__name__}"
+        )
+    unknown = sorted(set(map(str, settings)) - _KNOWN_KEYS)
+    if unknown:
+        raise DeferConfigError(
+            f"dbt-defer: unknown key(s) {', '.join(unknown)} in vars: dbt_defer; "
+            f"known keys are {', '.join(sorted(_KNOWN_KEYS))}"
+        )
+
+    envs = _environments_from_vars(settings.get("environments"), project_root)
+    by_name = {e[0]: e for e in envs}
+    extra = []
+    for name, (key, value) in sorted(_env_var_states(environ).items()):
+        if name in by_name:
+            by_name[name][1], by_name[name][2] = value, key
+        else:
+            extra.append([name, value, key])
+    # New names go in front of 'prod' (or at the end when there is no prod); 'prod' itself last.
+    extra.sort(key=lambda e: (e[0] == "prod", e[0]))
+    prod_at = next((i for i, e in enumerate(envs) if e[0] == "prod"), len(envs))
+    envs[prod_at:prod_at] = extra
+
+    specs = []
+    for name, raw_state, source in envs:
+        if not raw_state or not raw_state.strip():
+            continue  # configured but empty: skipped (SPEC §3)
+        specs.append(EnvironmentSpec(name, _resolve_state(raw_state, project_root), source))
+
+    if not specs:
+        fallback = defer_state or state
+        if fallback:
+            source = "--defer-state/DBT_DEFER_STATE" if defer_state else "--state/DBT_STATE"
+            specs.append(EnvironmentSpec("prod", _resolve_state(str(fallback), project_root), source))
+
+    policy, policy_source = _dev_policy(settings, environ, favor_state)
+    return DeferConfig(
+        environments=tuple(specs),
+        dev_relations=policy,
+        dev_relations_source=policy_source,
+        limits=_limits(settings.get("limits")),
+        limit_tests=_bool(settings, "limit_tests"),
+        never_defer=_never_defer(settings.get("never_defer")),
+        max_age_hours=_max_age(settings.get("max_age_hours")),
+        audit_table=_bool(settings, "audit_table"),
+    )

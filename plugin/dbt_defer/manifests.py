@@ -1,0 +1,277 @@
+"""Reading an environment's artifacts: manifest.json (+ run_results.json when present).
+
+Only the fields deferral needs are decoded (msgspec skips the rest without building it), and
+parsed manifests are cached in-process by (path, mtime, size). Every problem becomes one
+``ManifestError`` line naming the environment, the path, what is wrong and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Dict, Optional, Tuple
+
+import msgspec
+
+MANIFEST = "manifest.json"
+RUN_RESULTS = "run_results.json"
+REFABLE = frozenset({"model", "seed", "snapshot"})
+# statuses in run_results.json that mean "this node's relation is not trustworthy there"
+BAD_STATUSES = frozenset({"error", "fail", "skipped", "runtime error"})
+
+
+class ManifestError(RuntimeError):
+    """One clear line: environment, path, what is wrong, the fix."""
+
+
+# --- the lightweight schema (only what deferral reads) -------------------------------------
+
+
+class _Checksum(msgspec.Struct):
+    checksum: str = ""
+
+
+class _Config(msgspec.Struct):
+    materialized: Optional[str] = None
+    enabled: bool = True
+
+
+class _Node(msgspec.Struct):
+    resource_type: str = ""
+    database: Optional[str] = None
+    schema: Optional[str] = None
+    alias: Optional[str] = None
+    name: str = ""
+    package_name: str = ""
+    relation_name: Optional[str] = None
+    config: _Config = msgspec.field(default_factory=_Config)
+    checksum: _Checksum = msgspec.field(default_factory=_Checksum)
+    unrendered_config: Dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class _Metadata(msgspec.Struct):
+    dbt_schema_version: str = ""
+    dbt_version: str = ""
+    generated_at: str = ""
+    invocation_id: Optional[str] = None
+    project_name: Optional[str] = None
+    project_id: Optional[str] = None
+    adapter_type: Optional[str] = None
+
+
+class _Manifest(msgspec.Struct):
+    metadata: _Metadata
+    nodes: Dict[str, _Node]
+
+
+class _Result(msgspec.Struct):
+    unique_id: str = ""
+    status: Optional[str] = None
+
+
+class _RunResults(msgspec.Struct):
+    results: list[_Result] = msgspec.field(default_factory=list)
+
+
+# --- what the rest of the package sees ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnvNode:
+    unique_id: str
+    resource_type: str
+    database: Optional[str]
+    schema: Optional[str]
+    identifier: str
+    materialized: Optional[str]
+    checksum: str
+    unrendered_config: Dict[str, Any]
+
+    @property
+    def location(self) -> Tuple[Optional[str], Optional[str], str]:
+        return (self.database, self.schema, self.identifier)
+
+
+@dataclass(frozen=True)
+class LoadedManifest:
+    path: str
+    schema_version: str
+    dbt_version: str
+    generated_at: str
+    invocation_id: Optional[str]
+    project_name: Optional[str]
+    project_id: Optional[str]
+    adapter_type: Optional[str]
+    nodes: Dict[str, EnvNode]
+    node_count: int  # all nodes in the manifest, refable or not
+    bad_status: Dict[str, str] = field(default_factory=dict)  # unique_id -> status in run_results
+    run_results_path: Optional[str] = None
+
+    def generated_datetime(self) -> Optional[datetime]:
+        return parse_timestamp(self.generated_at)
+
+    def age_hours(self, now: Optional[datetime] = None) -> Optional[float]:
+        generated = self.generated_datetime()
+        if generated is None:
+            return None
+        now = now or datetime.now(timezone.utc)
+        return max(0.0, (now - generated).total_seconds() / 3600.0)
+
+
+def parse_timestamp(value: str) -> Optional[datetime]:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed
+
+
+def project_id_for(project_name: str) -> str:
+    """dbt's metadata.project_id: md5 of the project name."""
+    return hashlib.md5(project_name.encode("utf-8")).hexdigest()
+
+
+def manifest_path_for(env_name: str, state: str) -> str:
+    """A state is a folder holding manifest.json, or the manifest file itself."""
+    if os.path.isdir(state):
+        return os.path.join(state, MANIFEST)
+    if os.path.exists(state) or state.endswith(".json"):
+        return state
+    raise ManifestError(
+        f"dbt-defer: environment '{env_name}': state location {state} does not exist; "
+        f"point it at a folder holding {MANIFEST} (or at the file itself), or unset it to skip the environment"
+    )
+
+
+_CACHE: Dict[Tuple[str, int, int, Optional[Tuple[int, int]]], LoadedManifest] = {}
+_CACHE_LOCK = threading.Lock()
+_DECODE_MANIFEST = msgspec.json.Decoder(_Manifest)
+_DECODE_RESULTS = msgspec.json.Decoder(_RunResults)
+
+
+def _stat_key(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+def load_manifest(env_name: str, path: str, *, is_compatible=None) -> LoadedManifest:
+    """Load one environment's manifest (+ run_results.json beside it), cached by path+mtime+size.
+
+    ``is_compatible(schema_version) -> bool`` is dbt's own check of the manifest schema version.
+    """
+    path = os.path.abspath(path)
+    stat = _stat_key(path)
+    if stat is None:
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': {path} does not exist; "
+            f"copy that environment's {MANIFEST} there (e.g. from its last production run) or fix the path"
+        )
+    results_path = os.path.join(os.path.dirname(path), RUN_RESULTS)
+    key = (path, stat[0], stat[1], _stat_key(results_path))
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+    if cached is None:
+        cached = _read(env_name, path, results_path if key[3] else None)
+        with _CACHE_LOCK:
+            if len(_CACHE) >= 16:  # a handful of environments per process; never grow unbounded
+                _CACHE.clear()
+            _CACHE[key] = cached
+    if is_compatible is not None and not is_compatible(cached.schema_version):
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': {path} has schema {cached.schema_version or '(none)'} "
+            f"(written by dbt {cached.dbt_version or 'unknown'}), which this dbt cannot read; "
+            "regenerate it with this dbt version (dbt parse or a run in that environment)"
+        )
+    return cached
+
+
+def _read(env_name: str, path: str, results_path: Optional[str]) -> LoadedManifest:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': cannot read {path} ({exc.strerror or exc}); "
+            "check the file's permissions or point the environment elsewhere"
+        ) from None
+    try:
+        parsed = _DECODE_MANIFEST.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': {path} is JSON but not a dbt manifest ({exc}); "
+            f"point the environment at the {MANIFEST} that dbt writes into target/"
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': {path} is not valid JSON ({exc}); "
+            f"it may be truncated — copy that environment's {MANIFEST} again"
+        ) from None
+    meta = parsed.metadata
+    if "/manifest/" not in meta.dbt_schema_version:
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': {path} is not a dbt manifest "
+            f"(metadata.dbt_schema_version is {meta.dbt_schema_version or 'missing'}); "
+            f"point the environment at the {MANIFEST} that dbt writes into target/"
+        )
+    nodes: Dict[str, EnvNode] = {}
+    for uid, n in parsed.nodes.items():
+        if n.resource_type not in REFABLE or not n.config.enabled:
+            continue
+        nodes[uid] = EnvNode(
+            unique_id=uid,
+            resource_type=n.resource_type,
+            database=n.database,
+            schema=n.schema,
+            identifier=n.alias or n.name,
+            materialized=n.config.materialized,
+            checksum=n.checksum.checksum,
+            unrendered_config=n.unrendered_config,
+        )
+    bad: Dict[str, str] = {}
+    if results_path:
+        bad = _read_run_results(env_name, results_path)
+    return LoadedManifest(
+        path=path,
+        schema_version=meta.dbt_schema_version,
+        dbt_version=meta.dbt_version,
+        generated_at=meta.generated_at,
+        invocation_id=meta.invocation_id,
+        project_name=meta.project_name,
+        project_id=meta.project_id,
+        adapter_type=meta.adapter_type,
+        nodes=nodes,
+        node_count=len(parsed.nodes),
+        bad_status=bad,
+        run_results_path=results_path,
+    )
+
+
+def _read_run_results(env_name: str, path: str) -> Dict[str, str]:
+    try:
+        with open(path, "rb") as fh:
+            parsed = _DECODE_RESULTS.decode(fh.read())
+    except OSError as exc:
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': cannot read {path} ({exc.strerror or exc}); "
+            "fix its permissions or remove it"
+        ) from None
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': {path} is not a dbt run_results.json ({exc}); "
+            "copy it again from that environment's target/ or remove it"
+        ) from None
+    return {
+        r.unique_id: r.status
+        for r in parsed.results
+        if r.status and r.status.lower() in BAD_STATUSES
+    }

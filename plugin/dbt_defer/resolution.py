@@ -1,0 +1,110 @@
+"""The resolution rules of SPEC §4, as plain logic.
+
+Knows nothing of dbt's classes or of the CLI: the caller hands in what it knows about the
+referenced node and two callables (does a relation exist? did the developer change the node?).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+from dbt_defer.config import DEV
+
+Location = Tuple[Optional[str], Optional[str], str]  # (database, schema, identifier)
+
+EPHEMERAL = "ephemeral"
+# reasons (SPEC §5): short machine-readable words
+SELECTED = "selected"
+RESTRICTED = "restricted"
+DEV_EXISTS = "dev_exists"
+DEV_MODIFIED = "dev_modified"
+DEV_FALLBACK = "dev_fallback"
+DEFERRED = "deferred"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What one chain environment knows about the referenced node."""
+
+    env: str
+    location: Optional[Location]  # None: the environment cannot serve it
+    problem: Optional[str] = None  # why not, when location is None
+
+
+@dataclass(frozen=True)
+class Resolution:
+    env: str  # "dev", "ephemeral" or an environment name
+    reason: str
+    location: Optional[Location]  # None for ephemeral
+
+
+class Unresolved(Exception):
+    """No place holds the referenced node. ``places`` lists every place looked at."""
+
+    def __init__(self, places: Sequence[str]):
+        super().__init__("; ".join(places))
+        self.places = list(places)
+
+
+class RestrictedMissing(Exception):
+    def __init__(self, location: Location):
+        super().__init__(render(location))
+        self.location = location
+
+
+def render(location: Location) -> str:
+    return ".".join(part for part in location if part)
+
+
+def resolve(
+    *,
+    ephemeral: bool,
+    selected: bool,
+    restricted: bool,
+    dev_location: Location,
+    policy: str,
+    candidates: Sequence[Candidate],
+    exists: Callable[[Location], bool],
+    modified_against: Callable[[str], bool],
+) -> Resolution:
+    """Apply SPEC §4 in order; raise Unresolved/RestrictedMissing when nothing serves the ref.
+
+    ``modified_against(env)`` tells whether the node's code or config differs from what ``env``
+    holds; it is only called under the ``modified`` policy.
+    """
+    if ephemeral:
+        return Resolution(EPHEMERAL, EPHEMERAL, None)
+    if selected:
+        return Resolution(DEV, SELECTED, dev_location)
+    if restricted:
+        if not exists(dev_location):
+            raise RestrictedMissing(dev_location)
+        return Resolution(DEV, RESTRICTED, dev_location)
+
+    places = []
+    dev_exists = policy != "never" and exists(dev_location)
+    if dev_exists and policy == "always":
+        return Resolution(DEV, DEV_EXISTS, dev_location)
+
+    chosen = None
+    for cand in candidates:
+        if cand.location is None:
+            places.append(f"{cand.env}: {cand.problem}")
+            continue
+        if exists(cand.location):
+            chosen = cand
+            break
+        places.append(f"{cand.env}: {render(cand.location)} does not exist in the warehouse")
+
+    if policy == "modified" and dev_exists:
+        if chosen is None or modified_against(chosen.env):
+            return Resolution(DEV, DEV_MODIFIED, dev_location)
+    if chosen is not None:
+        return Resolution(chosen.env, DEFERRED, chosen.location)
+
+    if policy == "never" and exists(dev_location):
+        # --favor-state prefers the chain, but like dbt falls back to the current target
+        return Resolution(DEV, DEV_FALLBACK, dev_location)
+    places.insert(0, f"{DEV}: {render(dev_location)} does not exist")
+    raise Unresolved(places)

@@ -1,0 +1,238 @@
+"""Real dbt runs for the tests: a copy of integration_tests/ per adapter, profiles per run.
+
+Each test project gets its own DuckDB file, or its own schema prefix on the Postgres server,
+so tests never see each other's relations. dbt runs in-process through ``dbtRunner``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+from dbt.cli.main import dbtRunner
+
+REPO = Path(__file__).resolve().parents[1]
+INTEGRATION = REPO / "integration_tests"
+_CLEAN_ENV_PREFIXES = (
+    "DBT_SEND_ANONYMOUS","DBT_DEFER", "DBT_STATE", "DBT_FAVOR_STATE", "DBT_DEFER_STATE", "DBT_TARGET")
+
+
+def pg_settings() -> Dict[str, str]:
+    return {
+        "host": os.environ.get("DBT_DEFER_TEST_PG_HOST", "127.0.0.1"),
+        "port": os.environ.get("DBT_DEFER_TEST_PG_PORT", "5432"),
+        "user": os.environ.get("DBT_DEFER_TEST_PG_USER", "postgres"),
+        "password": os.environ.get("DBT_DEFER_TEST_PG_PASSWORD", ""),
+        "dbname": os.environ.get("DBT_DEFER_TEST_PG_DBNAME", "test"),
+    }
+
+
+def pg_connect():
+    import psycopg2
+
+    s = pg_settings()
+    return psycopg2.connect(
+        host=s["host"], port=int(s["port"]), user=s["user"], password=s["password"], dbname=s["dbname"],
+        connect_timeout=3,
+    )
+
+
+def postgres_reachable() -> Optional[str]:
+    try:
+        pg_connect().close()
+        return None
+    except Exception as exc:  # psycopg2.OperationalError and friends
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@dataclass
+class Result:
+    success: bool
+    exception: Optional[BaseException]
+    messages: List[dict]
+    raw: object
+
+    def text(self) -> str:
+        parts = [m.get("msg", "") for m in self.messages]
+        if self.exception is not None:
+            parts.append(str(self.exception))
+        return "\n".join(parts)
+
+    def node_results(self) -> Dict[str, object]:
+        res = getattr(self.raw, "results", None) or []
+        return {r.node.unique_id: r for r in res if getattr(r, "node", None) is not None}
+
+
+@dataclass
+class Project:
+    root: Path
+    adapter: str
+    schema_prefix: str
+    duckdb_path: Optional[Path] = None
+    created_schemas: List[str] = field(default_factory=list)
+
+    # --- paths --------------------------------------------------------------------
+    @property
+    def target(self) -> Path:
+        return self.root / "target"
+
+    def schema(self, env: str) -> str:
+        return f"{self.schema_prefix}_{env}"
+
+    @property
+    def database(self) -> str:
+        return pg_settings()["dbname"] if self.adapter == "postgres" else self.duckdb_path.stem
+
+    # --- files --------------------------------------------------------------------
+    def write(self, rel: str, text: str) -> Path:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def read(self, rel: str) -> str:
+        return (self.root / rel).read_text()
+
+    def save_artifacts(self, folder: str) -> Path:
+        dest = self.root / folder
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        for name in ("manifest.json", "run_results.json"):
+            if (self.target / name).exists():
+                shutil.copy(self.target / name, dest / name)
+        return dest
+
+    def audit(self) -> dict:
+        return json.loads((self.target / "dbt_defer_audit.json").read_text())
+
+    def resolutions(self) -> Dict[tuple, dict]:
+        return {(r["node"], r["ref"]): r for r in self.audit()["resolutions"]}
+
+    def compiled(self, rel_path: str) -> str:
+        """Compiled SQL of a node, e.g. 'models/marts/customers.sql'."""
+        return (self.target / "compiled" / "dbt_defer_integration_tests" / rel_path).read_text()
+
+    def uid(self, name: str, kind: str = "model") -> str:
+        return f"{kind}.dbt_defer_integration_tests.{name}"
+
+    # --- dbt ----------------------------------------------------------------------
+    def dbt(self, *args: str, env: Optional[Dict[str, str]] = None, expect: Optional[bool] = True) -> Result:
+        """Run dbt in-process; ``expect`` True/False asserts success/failure (None: no check)."""
+        messages: List[dict] = []
+
+        def collect(event) -> None:
+            info = event.info
+            messages.append({"name": info.name, "level": info.level, "msg": info.msg})
+
+        argv = [*args, "--project-dir", str(self.root), "--profiles-dir", str(self.root)]
+        with _environment(env or {}):
+            res = dbtRunner(callbacks=[collect]).invoke(argv)
+        result = Result(bool(res.success), res.exception, messages, res.result)
+        if expect is not None and result.success != expect:
+            tail = "\n".join(m["msg"] for m in messages[-40:])
+            raise AssertionError(
+                f"dbt {' '.join(args)} {'failed' if expect else 'succeeded unexpectedly'}"
+                f" (exception: {res.exception})\n{tail}"
+            )
+        return result
+
+    def relation_exists(self, env: str, name: str) -> bool:
+        return name.lower() in self.list_relations(env)
+
+    def list_relations(self, env: str) -> List[str]:
+        schema = self.schema(env)
+        if self.adapter == "postgres":
+            with pg_connect() as conn, conn.cursor() as cur:
+                cur.execute(
+                    "select table_name from information_schema.tables where table_schema = %s", (schema,)
+                )
+                return sorted(r[0] for r in cur.fetchall())
+        import duckdb
+
+        with duckdb.connect(str(self.duckdb_path), read_only=True) as con:
+            rows = con.execute(
+                "select table_name from information_schema.tables where table_schema = ?", [schema]
+            ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def query(self, sql: str) -> list:
+        if self.adapter == "postgres":
+            with pg_connect() as conn, conn.cursor() as cur:
+                cur.execute(sql)
+                return cur.fetchall()
+        import duckdb
+
+        with duckdb.connect(str(self.duckdb_path), read_only=True) as con:
+            return con.execute(sql).fetchall()
+
+    def drop_schemas(self) -> None:
+        if self.adapter != "postgres":
+            return
+        with pg_connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                "select schema_name from information_schema.schemata where schema_name like %s",
+                (self.schema_prefix + "%",),
+            )
+            for (name,) in cur.fetchall():
+                cur.execute(f'drop schema if exists "{name}" cascade')
+
+
+@contextmanager
+def _environment(extra: Dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith(_CLEAN_ENV_PREFIXES):
+            del os.environ[key]
+    os.environ["DBT_SEND_ANONYMOUS_USAGE_STATS"] = "false"
+    os.environ.update({k: v for k, v in extra.items() if v is not None})
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _profiles(project: Project, threads: int) -> str:
+    lines = ["dbt_defer_integration_tests:", "  target: dev", "  outputs:"]
+    for target in ("prod", "staging", "dev", "ci"):
+        lines.append(f"    {target}:")
+        if project.adapter == "duckdb":
+            lines += [
+                "      type: duckdb",
+                f"      path: '{project.duckdb_path}'",
+            ]
+        else:
+            s = pg_settings()
+            lines += [
+                "      type: postgres",
+                f"      host: '{s['host']}'",
+                f"      port: {int(s['port'])}",
+                f"      user: '{s['user']}'",
+                f"      password: '{s['password']}'",
+                f"      dbname: '{s['dbname']}'",
+            ]
+        env = "dev" if target == "ci" else target
+        lines += [f"      schema: {project.schema(env)}", f"      threads: {threads}"]
+    return "\n".join(lines) + "\n"
+
+
+def make_project(tmp: Path, adapter: str, threads: int = 4, source: Path = INTEGRATION) -> Project:
+    root = tmp / "project"
+    shutil.copytree(
+        source, root, ignore=shutil.ignore_patterns("target", "dbt_packages", "logs", "*.duckdb", "profiles.yml")
+    )
+    packages = (root / "packages.yml").read_text().replace("local: ../", f"local: {REPO}/", 1)
+    (root / "packages.yml").write_text(packages)
+    prefix = f"dd_{uuid.uuid4().hex[:8]}"
+    project = Project(root=root, adapter=adapter, schema_prefix=prefix)
+    if adapter == "duckdb":
+        project.duckdb_path = tmp / "warehouse.duckdb"
+    (root / "profiles.yml").write_text(_profiles(project, threads))
+    return project

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ class Call:
 @dataclass
 class Outcome:
     seconds: float
+    cpu_seconds: float  # user + sys of the dbt process
     plugin_loaded: bool | None
     counts: dict | None
 
@@ -59,9 +61,11 @@ def run(call: Call, count: bool = False, quiet: bool = True) -> Outcome:
         cmd = [sys.executable, str(ENTRY), *opts, "--",
                *call.args, "--profiles-dir", str(call.project)]
         env = {**base_env(), **call.env}
+        cpu_before = _children_cpu()
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=call.project, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
+        cpu = _children_cpu() - cpu_before
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + "\n" + proc.stderr).strip().splitlines()[-40:])
             raise DbtFailed(f"exit {proc.returncode}: {call.describe()}\n  cwd={call.project}\n"
@@ -70,4 +74,9 @@ def run(call: Call, count: bool = False, quiet: bool = True) -> Outcome:
             print(proc.stdout)
         loaded = json.loads(probe.read_text())["dbt_defer_loaded"] if probe.exists() else None
         data = json.loads(counts.read_text()) if count and counts.exists() else None
-        return Outcome(seconds, loaded, data)
+        return Outcome(seconds, cpu, loaded, data)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -73,21 +74,38 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+@dataclass
+class Timings:
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+    def ratio(self, a: str, b: str) -> tuple[float, float]:
+        """(wall, cpu) ratio of the medians of variant a over variant b."""
+        return (median(self.wall[a]) / median(self.wall[b]),
+                median(self.cpu[a]) / median(self.cpu[b]))
+
+    def text(self, a: str, b: str) -> str:
+        cpu = self.ratio(a, b)[1]
+        return (f"{median(self.wall[a]):.2f}s vs {median(self.wall[b]):.2f}s "
+                f"(CPU {cpu:.3f}×)")
+
+
 def compare(label: str, calls: dict[str, Callable[[], Outcome]], repeat: int,
-            before_each: Callable[[], None] | None = None) -> dict[str, list[float]]:
+            before_each: Callable[[], None] | None = None) -> Timings:
     """One untimed warm-up per variant, then `repeat` interleaved timed rounds."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    t = Timings({name: [] for name in calls}, {name: [] for name in calls})
     for rnd in range(repeat + 1):
         for name, fn in calls.items():
             if before_each:
                 before_each()
             out = fn()
             if rnd > 0:
-                times[name].append(out.seconds)
+                t.wall[name].append(out.seconds)
+                t.cpu[name].append(out.cpu_seconds)
         if rnd > 0:
             log(f"  {label} round {rnd}/{repeat}: "
-                + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
-    return times
+                + ", ".join(f"{n} {w[-1]:.2f}s" for n, w in t.wall.items()))
+    return t
 
 
 def plugin_status() -> dict:
@@ -166,6 +184,11 @@ def macro_package(work: Path) -> Path:
     return stub
 
 
+def expect_hidden(out: Outcome, what: str) -> None:
+    if out.plugin_loaded:
+        raise RuntimeError(f"{what}: dbt_defer was imported although it should be hidden")
+
+
 def need_plugin(ctx: Ctx, key: str, measure: str, budget: str) -> bool:
     if ctx.plugin["importable"]:
         return True
@@ -190,17 +213,16 @@ def measure_inert(ctx: Ctx) -> None:
                                     hide_plugin=True)),
     }
     loaded = variants["plugin"]().plugin_loaded
-    times = compare("inert", variants, ctx.args.repeat)
-    med = {k: median(v) for k, v in times.items()}
-    ratio = med["plugin"] / med["hidden"]
+    expect_hidden(variants["hidden"](), "inert baseline")
+    t = compare("inert", variants, ctx.args.repeat)
+    ratio = t.ratio("plugin", "hidden")[0]
     cmd = "dbt " + " ".join(args)
-    ctx.rows.append(Row("inert", measure, budget,
-                        f"{med['plugin']:.2f}s vs {med['hidden']:.2f}s", ratio, ratio <= 1.02,
-                        {"command": cmd, "times": times, "plugin_loaded": loaded}))
-    vr = med["plugin"] / med["vanilla"]
-    ctx.rows.append(Row("inert_vanilla", "1b. same, vs a project without the package and "
-                        "ref shim", "info", f"{med['plugin']:.2f}s vs {med['vanilla']:.2f}s",
-                        vr, None, {"command": cmd}))
+    ctx.rows.append(Row("inert", measure, budget, t.text("plugin", "hidden"), ratio,
+                        ratio <= 1.02, {"command": cmd, "timings": asdict(t),
+                                        "plugin_loaded": loaded}))
+    ctx.rows.append(Row("inert_vanilla", LABELS["inert_vanilla"], "info",
+                        t.text("plugin", "vanilla"), t.ratio("plugin", "vanilla")[0], None,
+                        {"command": cmd}))
     if not loaded:
         log("WARNING: with the plugin visible, dbt did not import dbt_defer "
             "(not discovered by dbt's plugin manager?)")
@@ -216,14 +238,14 @@ def measure_chain(ctx: Ctx) -> None:
     chain_call = Call(ctx.root, sel + ["--target-path", "target/chain"], env=ctx.chain_env())
     native_call = Call(ctx.root, sel + ["--defer", "--state", str(ctx.prod_state),
                                         "--target-path", "target/native"], hide_plugin=True)
-    times = compare("chain", {"chain": lambda: run(chain_call),
-                              "native": lambda: run(native_call)}, ctx.args.repeat)
-    chain, native = median(times["chain"]), median(times["native"])
-    ratio = chain / native
+    expect_hidden(run(native_call), "native --defer baseline")
+    t = compare("chain", {"chain": lambda: run(chain_call),
+                          "native": lambda: run(native_call)}, ctx.args.repeat)
+    ratio = t.ratio("chain", "native")[0]
     audit = read_audit_summary(ctx.root / "target/chain")
-    ctx.rows.append(Row("chain", measure, budget, f"{chain:.2f}s vs {native:.2f}s", ratio,
+    ctx.rows.append(Row("chain", measure, budget, t.text("chain", "native"), ratio,
                         ratio <= 1.10, {"chain": chain_call.describe(),
-                                        "native": native_call.describe(), "times": times,
+                                        "native": native_call.describe(), "timings": asdict(t),
                                         "audit_summary": audit}))
     if audit is None:
         log("WARNING: no target/chain/dbt_defer_audit.json after a deferred run")
@@ -259,7 +281,7 @@ def measure_metadata(ctx: Ctx) -> None:
 def measure_devloop(ctx: Ctx) -> None:
     """(e) deferred `build -s leaf` vs plain `build -s +leaf`, fresh dev schema each time."""
     leaf = ctx.project.leaf()
-    measure = f"5. dev-loop speed-up: build -s {leaf} deferred vs -s +{leaf} plain"
+    measure = f"5. dev-loop speed-up: plain build -s +{leaf} vs deferred -s {leaf}"
     if not need_plugin(ctx, "devloop", measure, "report"):
         return
     deferred = Call(ctx.root, ["build", "--target", "dev", "-s", leaf,
@@ -267,13 +289,12 @@ def measure_devloop(ctx: Ctx) -> None:
     plain = Call(ctx.root, ["build", "--target", "dev", "-s", f"+{leaf}",
                             "--target-path", "target/loop_plain"], hide_plugin=True)
     db = ctx.work / "bench.duckdb"
-    times = compare("dev loop", {"deferred": lambda: run(deferred), "plain": lambda: run(plain)},
-                    ctx.args.repeat, before_each=lambda: drop_schema(db, "dev"))
-    d, p = median(times["deferred"]), median(times["plain"])
-    ctx.rows.append(Row("devloop", measure, "report", f"{d:.2f}s vs {p:.2f}s",
-                        p / d, None, {"deferred": deferred.describe(),
-                                      "plain": plain.describe(), "times": times,
-                                      "ratio_meaning": "plain / deferred (speed-up)"}))
+    t = compare("dev loop", {"plain": lambda: run(plain), "deferred": lambda: run(deferred)},
+                ctx.args.repeat, before_each=lambda: drop_schema(db, "dev"))
+    ctx.rows.append(Row("devloop", measure, "report (speed-up)", t.text("plain", "deferred"),
+                        t.ratio("plain", "deferred")[0], None,
+                        {"deferred": deferred.describe(), "plain": plain.describe(),
+                         "timings": asdict(t), "ratio_meaning": "plain / deferred (speed-up)"}))
 
 
 def make_big_manifests(ctx: Ctx, n: int) -> list[Path]:
@@ -325,11 +346,20 @@ def measure_setup(ctx: Ctx) -> None:
     p = median([r["seconds"] for r in runs["plugin"]])
     d = median([r["seconds"] for r in runs["dbt"]])
     ratio = p / d
-    ctx.rows.append(Row("setup", measure, budget, f"{p:.2f}s vs {d:.2f}s ({size_mb:.0f} MB each)",
-                        ratio, ratio < 1.0, {"plugin": runs["plugin"], "dbt": runs["dbt"],
-                                             "first_plugin_run_s": runs["plugin"][0]["seconds"]}))
+    detail = {side: {"how": rs[0]["how"], "nodes": rs[0]["nodes"],
+                     "seconds": [r["seconds"] for r in rs]} for side, rs in runs.items()}
+    ctx.rows.append(Row("setup", measure, budget, f"{p:.3f}s vs {d:.3f}s ({size_mb:.0f} MB each)",
+                        ratio, ratio < 1.0, detail))
 
 
+LABELS = {
+    "inert": "1. inert overhead (deferral off vs plugin not installed)",
+    "inert_vanilla": "1b. same, vs a project without the package and ref shim",
+    "chain": "2. chain overhead (DBT_DEFER=1 staging+prod vs native --defer)",
+    "setup": "3. deferral set-up: load 3 manifests vs dbt loading 1",
+    "metadata": "4. metadata queries per (database, schema), deferred build",
+    "devloop": "5. dev-loop speed-up (plain +leaf vs deferred leaf)",
+}
 MEASURES = {"inert": measure_inert, "chain": measure_chain, "setup": measure_setup,
             "metadata": measure_metadata, "devloop": measure_devloop}
 
@@ -341,9 +371,12 @@ def report(ctx: Ctx, elapsed: float) -> str:
     lines = [
         f"dbt-defer benchmark — {ctx.project.n_models} models × 10 layers, "
         f"repeat {a.repeat} (medians), threads {a.threads}, "
-        f"{'quick' if a.quick else 'full'} run, {elapsed / 60:.1f} min total",
+        f"{'quick' if a.quick else 'full'} run, {elapsed / 60:.1f} min total, "
+        f"{os.cpu_count()} CPUs, load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}",
         "",
-        "| measure | budget | measured (dbt-defer vs baseline) | ratio | result |",
+        "| measure | budget | measured: dbt-defer vs baseline, median wall (CPU ratio) "
+        "| wall ratio | result |",
         "| --- | --- | --- | --- | --- |",
     ]
     order = ["inert", "inert_vanilla", "chain", "setup", "metadata", "devloop"]
@@ -354,6 +387,16 @@ def report(ctx: Ctx, elapsed: float) -> str:
               f"dbt-core {dbt_version()}. Command: `python bench/run.py"
               f"{' --quick' if a.quick else ''}`."]
     return "\n".join(lines) + "\n"
+
+
+def error_summary(text: str) -> str:
+    """The most telling line of a dbt failure, for the table."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for marker in ("dbt-defer:", "Error"):
+        for ln in lines:
+            if marker in ln and "Completed with" not in ln:
+                return ln.replace("|", "/")[:200]
+    return lines[0][:200] if lines else "?"
 
 
 def dbt_version() -> str:
@@ -393,7 +436,7 @@ def main(argv: list[str]) -> int:
             MEASURES[name](ctx)
         except (DbtFailed, RuntimeError) as exc:
             log(f"FAILED to measure {name}:\n{exc}")
-            ctx.rows.append(Row(name, name, "—", "error: " + str(exc).splitlines()[0][:120],
+            ctx.rows.append(Row(name, LABELS[name], "—", "error: " + error_summary(str(exc)),
                                 None, False, {"error": str(exc)}))
     table = report(ctx, time.perf_counter() - started)
     print("\n" + table)

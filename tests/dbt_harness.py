@@ -154,9 +154,7 @@ class Project:
                     "select table_name from information_schema.tables where table_schema = %s", (schema,)
                 )
                 return sorted(r[0] for r in cur.fetchall())
-        import duckdb
-
-        with duckdb.connect(str(self.duckdb_path), read_only=True) as con:
+        with _duckdb_connect(self.duckdb_path) as con:
             rows = con.execute(
                 "select table_name from information_schema.tables where table_schema = ?", [schema]
             ).fetchall()
@@ -167,9 +165,7 @@ class Project:
             with pg_connect() as conn, conn.cursor() as cur:
                 cur.execute(sql)
                 return cur.fetchall()
-        import duckdb
-
-        with duckdb.connect(str(self.duckdb_path), read_only=True) as con:
+        with _duckdb_connect(self.duckdb_path) as con:
             return con.execute(sql).fetchall()
 
     def drop_schemas(self) -> None:
@@ -182,6 +178,17 @@ class Project:
             )
             for (name,) in cur.fetchall():
                 cur.execute(f'drop schema if exists "{name}" cascade')
+
+
+def _duckdb_connect(path: Path):
+    """Read-only when possible; dbt-duckdb keeps its own (read-write) handle open in-process after a
+    run, and DuckDB refuses a second handle with another configuration, so then use the default."""
+    import duckdb
+
+    try:
+        return duckdb.connect(str(path), read_only=True)
+    except duckdb.ConnectionException:
+        return duckdb.connect(str(path))
 
 
 @contextmanager

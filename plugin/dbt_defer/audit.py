@@ -30,10 +30,14 @@ class Record:
     is_test: bool = False
 
     def as_dict(self, cross_environment: bool = False) -> Dict[str, Any]:
+        """The record as written to the artifact: the SPEC §5 fields + ``cross_environment``.
+
+        Every record has the same keys; ``cross_environment`` is true only on the records of a
+        data test whose refs resolve to more than one environment.
+        """
         out = asdict(self)
         del out["is_test"]
-        if self.is_test:
-            out["cross_environment"] = cross_environment
+        out["cross_environment"] = bool(cross_environment and self.is_test)
         return out
 
 
@@ -122,6 +126,42 @@ def write_document(document: Dict[str, Any], target_path: str) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+TABLE_NAME = "dbt_defer_audit"
+TABLE_BATCH = 500  # rows per insert statement
+
+
+def table_rows(document: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The rows appended to the warehouse audit table: one per resolution, plus the invocation.
+
+    ``generated_at`` is the artifact's metadata.generated_at as a UTC timestamp without zone
+    ('YYYY-MM-DD HH:MM:SS.ffffff'), which every warehouse casts to its timestamp type.
+    """
+    meta = document["metadata"]
+    generated_at = str(meta.get("generated_at") or "").replace("T", " ").rstrip("Z")
+    rows = []
+    for r in document["resolutions"]:
+        rows.append(
+            {
+                "invocation_id": meta.get("invocation_id"),
+                "generated_at": generated_at,
+                "target_name": meta.get("target"),
+                "command": meta.get("command"),
+                "node": r["node"],
+                "ref": r["ref"],
+                "env": r["env"],
+                "relation": r["relation"],
+                "reason": r["reason"],
+                "row_limit": r["limit"],
+                "cross_environment": bool(r.get("cross_environment")),
+            }
+        )
+    return rows
+
+
+def batches(rows: Sequence[Any], size: int = TABLE_BATCH) -> List[Sequence[Any]]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 def now_iso() -> str:

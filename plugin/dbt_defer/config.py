@@ -140,10 +140,15 @@ def _environments_from_vars(raw: Any, project_root: str) -> list:
 
 def _env_var_states(environ: Mapping[str, str]) -> dict:
     found = {}
-    for key, value in environ.items():
+    for key, value in sorted(environ.items()):
         m = _ENV_STATE.match(key)
         if m:
             name = _check_name(m.group("name").lower(), f"environment variable {key}")
+            if name in found and found[name][1] != value:
+                raise DeferConfigError(
+                    f"dbt-defer: environment variables {found[name][0]} and {key} both set the state of "
+                    f"environment {name!r}, to different values; keep one"
+                )
             found[name] = (key, value)
     return found
 
@@ -204,9 +209,12 @@ def _never_defer(raw: Any) -> Tuple[str, ...]:
 def _max_age(raw: Any) -> float:
     if raw is None:
         return DEFAULT_MAX_AGE_HOURS
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw <= 0:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not raw > 0:  # NaN is not > 0
         raise DeferConfigError(f"dbt-defer: {_where('max_age_hours')} is {raw!r}; use a positive number of hours")
-    return float(raw)
+    try:
+        return float(raw)
+    except OverflowError:  # an int too large for a float: never stale
+        return float("inf")
 
 
 def load_config(

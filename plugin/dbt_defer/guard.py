@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
 from dbt_defer.config import EnvironmentSpec
-from dbt_defer.manifests import LoadedManifest, project_id_for
+from dbt_defer.manifests import MANIFEST, LoadedManifest, format_age, project_id_for
 
 SHIM = "{% macro ref() %}{{ return(dbt_defer.ref(*varargs, **kwargs)) }}{% endmacro %}"
 
@@ -28,8 +29,13 @@ def local_state(spec: EnvironmentSpec, target_path: str) -> str:
     return remote.fetch_state(spec, target_path)
 
 
-def check_not_target_path(spec: EnvironmentSpec, manifest_path: str, target_path: str) -> None:
-    folder = os.path.realpath(os.path.dirname(os.path.abspath(manifest_path)))
+def check_not_target_path(spec: EnvironmentSpec, state: str, target_path: str) -> None:
+    """``state`` is the environment's folder or its manifest file; either may not exist yet."""
+    if "\0" in state:
+        return  # not a usable path at all; the manifest reader says so
+    state = os.path.abspath(state)
+    is_file = os.path.isfile(state) or (not os.path.isdir(state) and state.endswith(".json"))
+    folder = os.path.realpath(os.path.dirname(state) if is_file else state)
     if folder == os.path.realpath(target_path):
         raise GuardError(
             f"dbt-defer: environment '{spec.name}' state {_source(spec)} is this run's own target path "
@@ -70,25 +76,107 @@ def _same(a: Any, b: Any) -> bool:
     return (a or "").lower() == (b or "").lower()
 
 
+def _key(location: Tuple[Any, Any, Any]) -> Tuple[str, str, str]:
+    return tuple((part or "").lower() for part in location)  # type: ignore[return-value]
+
+
 def check_writes(selected: Iterable[str], manifest: Any, environments: Iterable[Any]) -> None:
-    """Refuse when a selected node would be written where a chain environment keeps it."""
+    """Refuse when a selected node would be written where a chain environment keeps a relation.
+
+    Checked against what each environment's manifest records for the node itself and for every
+    other node (a dev model aliased onto a production table overwrites it just the same).
+    Ephemeral nodes have no relation on either side.
+    """
     envs = list(environments)
+    owners: Dict[Tuple[str, str, str], Tuple[Any, str]] = {}
+    for env in reversed(envs):  # the first environment of the chain wins the report
+        for other in env.manifest.nodes.values():
+            if other.materialized != "ephemeral":
+                owners[_key(other.location)] = (env, other.unique_id)
+    if not owners:
+        return
+    clashes = []
     for uid in sorted(selected):
         node = manifest.nodes.get(uid)
         if node is None or node.resource_type not in ("model", "seed", "snapshot") or node.is_ephemeral_model:
             continue
         mine = (node.database, node.schema, node.alias or node.name)
-        for env in envs:
-            other = env.manifest.nodes.get(uid)
-            if other is None:
-                continue
-            if all(_same(x, y) for x, y in zip(mine, other.location)):
-                where = ".".join(p for p in mine if p)
-                raise GuardError(
-                    f"dbt-defer: refusing to write {uid} into {where}: environment '{env.name}' "
-                    f"({_source(env.spec)}) records that same relation for it. Point your target at a "
-                    "development schema, or unset DBT_DEFER / --defer in production jobs. Nothing was written."
-                )
+        owner = owners.get(_key(mine))
+        if owner is not None:
+            clashes.append((uid, mine, owner))
+    if not clashes:
+        return
+    uid, mine, (env, other_uid) = clashes[0]
+    where = ".".join(p for p in mine if p)
+    whose = "for it" if other_uid == uid else f"for {other_uid}"
+    more = f" ({len(clashes) - 1} more selected node(s) would be written into {env.name} relations too)" if len(clashes) > 1 else ""
+    raise GuardError(
+        f"dbt-defer: refusing to write {uid} into {where}: environment '{env.name}' "
+        f"({_source(env.spec)}) records that relation {whose}{more}. Point your target at a "
+        "development schema, or unset DBT_DEFER / --defer in production jobs. Nothing was written."
+    )
+
+
+def stale_warning(spec: EnvironmentSpec, manifest: LoadedManifest, max_age_hours: float, now=None) -> Optional[str]:
+    """The warning line for a manifest older than max_age_hours, or None."""
+    age = manifest.age_hours(now)
+    if age is None or not age > max_age_hours:
+        return None
+    return (
+        f"dbt-defer: environment '{spec.name}' manifest {manifest.path} is {format_age(age)} old "
+        f"(generated_at {manifest.generated_at}; max_age_hours {max_age_hours:g}); deferred refs may "
+        "read stale tables: refresh that environment's artifacts, or raise vars: dbt_defer: max_age_hours"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if line.lower() not in ("runtime error", "compilation error")]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _deep_no_warn(spec: Any) -> None:
+    """Selections that match nothing are reported by us, naming never_defer, not by dbt."""
+    if hasattr(spec, "expect_exists"):
+        try:
+            spec.expect_exists = False
+        except Exception:  # pragma: no cover - frozen in some dbt version
+            pass
+    for component in getattr(spec, "components", None) or ():
+        _deep_no_warn(component)
+
+
+def never_defer_nodes(selectors: Iterable[str], graph: Any, manifest: Any, previous_state: Any,
+                      log: Callable[..., None]) -> FrozenSet[str]:
+    """The unique_ids matched by the ``never_defer`` selectors (dbt selector syntax).
+
+    A bad selector is one clear line naming it; a selector matching nothing warns (a typo there
+    would leave regulated data deferrable).
+    """
+    from dbt_common.events.base_types import EventLevel
+    from dbt.graph import NodeSelector, parse_difference
+
+    selector = NodeSelector(graph, manifest, previous_state=previous_state)
+    takes_warn = "warn_on_no_nodes" in inspect.signature(selector.get_selected).parameters
+    found: Set[str] = set()
+    for raw in selectors:
+        try:
+            spec = parse_difference([raw], None)
+            _deep_no_warn(spec)
+            chosen = selector.get_selected(spec, warn_on_no_nodes=False) if takes_warn else selector.get_selected(spec)
+        except Exception as exc:  # dbt raises several kinds for bad selectors
+            raise GuardError(
+                f"dbt-defer: vars: dbt_defer: never_defer selector {raw!r} is not a valid dbt selector "
+                f"({_first_line(exc)}); use dbt selector syntax such as tag:pii or path:models/restricted"
+            ) from None
+        if not chosen:
+            log(
+                f"dbt-defer: vars: dbt_defer: never_defer selector {raw!r} matches no node; nothing is "
+                "restricted by it — check it for a typo",
+                EventLevel.WARN,
+            )
+        found |= set(chosen)
+    return frozenset(found)
 
 
 def warn_if_shim_missing(manifest: Any, project_name: str, log: Callable[..., None]) -> bool:

@@ -63,8 +63,19 @@ class _Metadata(msgspec.Struct):
 
 
 class _Manifest(msgspec.Struct):
-    metadata: _Metadata
-    nodes: Dict[str, _Node]
+    metadata: Optional[_Metadata] = None
+    nodes: Optional[Dict[str, _Node]] = None
+
+
+class _LooseMetadata(msgspec.Struct):
+    dbt_schema_version: Any = None
+    dbt_version: Any = None
+
+
+class _MetadataOnly(msgspec.Struct):
+    """Decoded only when the full decode fails, to tell "wrong version" from "not a manifest"."""
+
+    metadata: Any = None
 
 
 class _Result(msgspec.Struct):
@@ -122,7 +133,7 @@ class LoadedManifest:
 
 
 def parse_timestamp(value: str) -> Optional[datetime]:
-    if not value:
+    if not value or not isinstance(value, str):
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -131,6 +142,13 @@ def parse_timestamp(value: str) -> Optional[datetime]:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed
+
+
+def format_age(hours: float) -> str:
+    """'5.0 hours' / '3.2 days (77 hours)' — what a person reads in a staleness warning."""
+    if hours < 48:
+        return f"{hours:.1f} hours"
+    return f"{hours / 24:.1f} days ({hours:.0f} hours)"
 
 
 def project_id_for(project_name: str) -> str:
@@ -144,6 +162,11 @@ def manifest_path_for(env_name: str, state: str) -> str:
         return os.path.join(state, MANIFEST)
     if os.path.exists(state) or state.endswith(".json"):
         return state
+    if "\0" in state:
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': state location {state!r} contains a NUL character; "
+            "fix the path"
+        )
     raise ManifestError(
         f"dbt-defer: environment '{env_name}': state location {state} does not exist; "
         f"point it at a folder holding {MANIFEST} (or at the file itself), or unset it to skip the environment"
@@ -154,12 +177,18 @@ _CACHE: Dict[Tuple[str, int, int, Optional[Tuple[int, int]]], LoadedManifest] = 
 _CACHE_LOCK = threading.Lock()
 _DECODE_MANIFEST = msgspec.json.Decoder(_Manifest)
 _DECODE_RESULTS = msgspec.json.Decoder(_RunResults)
+_DECODE_METADATA_ONLY = msgspec.json.Decoder(_MetadataOnly)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] if text else type(exc).__name__
 
 
 def _stat_key(path: str) -> Optional[Tuple[int, int]]:
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL character
         return None
     return (st.st_mtime_ns, st.st_size)
 
@@ -170,6 +199,11 @@ def load_manifest(env_name: str, path: str, *, is_compatible=None) -> LoadedMani
     ``is_compatible(schema_version) -> bool`` is dbt's own check of the manifest schema version.
     """
     path = os.path.abspath(path)
+    if "\0" in path:
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': state location {path!r} contains a NUL character; "
+            "fix the path"
+        )
     stat = _stat_key(path)
     if stat is None:
         raise ManifestError(
@@ -181,48 +215,81 @@ def load_manifest(env_name: str, path: str, *, is_compatible=None) -> LoadedMani
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
     if cached is None:
-        cached = _read(env_name, path, results_path if key[3] else None)
+        cached = _read(env_name, path, results_path if key[3] else None, is_compatible)
         with _CACHE_LOCK:
             if len(_CACHE) >= 16:  # a handful of environments per process; never grow unbounded
                 _CACHE.clear()
             _CACHE[key] = cached
     if is_compatible is not None and not is_compatible(cached.schema_version):
-        raise ManifestError(
-            f"dbt-defer: environment '{env_name}': {path} has schema {cached.schema_version or '(none)'} "
-            f"(written by dbt {cached.dbt_version or 'unknown'}), which this dbt cannot read; "
-            "regenerate it with this dbt version (dbt parse or a run in that environment)"
-        )
+        raise _version_error(env_name, path, cached.schema_version, cached.dbt_version)
     return cached
 
 
-def _read(env_name: str, path: str, results_path: Optional[str]) -> LoadedManifest:
+def _version_error(env_name: str, path: str, schema_version: Any, dbt_version: Any) -> ManifestError:
+    return ManifestError(
+        f"dbt-defer: environment '{env_name}': {path} has schema {schema_version or '(none)'} "
+        f"(written by dbt {dbt_version or 'unknown'}), which this dbt cannot read; "
+        "regenerate it with this dbt version (dbt parse, or a run in that environment)"
+    )
+
+
+def _not_a_manifest(env_name: str, path: str, what: str) -> ManifestError:
+    return ManifestError(
+        f"dbt-defer: environment '{env_name}': {path} is JSON but not a dbt manifest ({what}); "
+        f"point the environment at the {MANIFEST} that dbt writes into target/"
+    )
+
+
+def _explain_invalid(env_name: str, path: str, raw: bytes, detail: str, is_compatible) -> ManifestError:
+    """The full decode failed on a JSON document: a manifest of another dbt version, or not one."""
+    try:
+        meta = _DECODE_METADATA_ONLY.decode(raw).metadata
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        meta = None
+    version = meta.get("dbt_schema_version") if isinstance(meta, dict) else None
+    if isinstance(version, str) and "/manifest/" in version:
+        if is_compatible is not None and not is_compatible(version):
+            return _version_error(env_name, path, version, meta.get("dbt_version"))
+        return _not_a_manifest(env_name, path, detail)
+    if isinstance(version, str) and version:
+        return _not_a_manifest(env_name, path, f"metadata.dbt_schema_version is {version}")
+    return _not_a_manifest(env_name, path, detail)
+
+
+def _read(env_name: str, path: str, results_path: Optional[str], is_compatible=None) -> LoadedManifest:
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
     except OSError as exc:
+        reason = exc.strerror or str(exc)
+        fix = (
+            f"it is a directory: point the environment at the folder holding {MANIFEST}"
+            if isinstance(exc, IsADirectoryError)
+            else "check the file's permissions or point the environment elsewhere"
+        )
         raise ManifestError(
-            f"dbt-defer: environment '{env_name}': cannot read {path} ({exc.strerror or exc}); "
-            "check the file's permissions or point the environment elsewhere"
+            f"dbt-defer: environment '{env_name}': cannot read {path} ({reason}); {fix}"
         ) from None
     try:
         parsed = _DECODE_MANIFEST.decode(raw)
     except msgspec.ValidationError as exc:
-        raise ManifestError(
-            f"dbt-defer: environment '{env_name}': {path} is JSON but not a dbt manifest ({exc}); "
-            f"point the environment at the {MANIFEST} that dbt writes into target/"
-        ) from None
+        raise _explain_invalid(env_name, path, raw, _one_line(exc), is_compatible) from None
+    except RecursionError:
+        raise _not_a_manifest(env_name, path, "it is nested too deeply") from None
     except msgspec.DecodeError as exc:
         raise ManifestError(
-            f"dbt-defer: environment '{env_name}': {path} is not valid JSON ({exc}); "
-            f"it may be truncated — copy that environment's {MANIFEST} again"
+            f"dbt-defer: environment '{env_name}': {path} is not valid JSON ({_one_line(exc)}); "
+            f"it may be truncated or not a manifest at all — copy that environment's {MANIFEST} again"
         ) from None
     meta = parsed.metadata
+    if meta is None:
+        raise _not_a_manifest(env_name, path, "it has no metadata")
     if "/manifest/" not in meta.dbt_schema_version:
-        raise ManifestError(
-            f"dbt-defer: environment '{env_name}': {path} is not a dbt manifest "
-            f"(metadata.dbt_schema_version is {meta.dbt_schema_version or 'missing'}); "
-            f"point the environment at the {MANIFEST} that dbt writes into target/"
-        )
+        raise _not_a_manifest(env_name, path, f"metadata.dbt_schema_version is {meta.dbt_schema_version or 'missing'}")
+    if is_compatible is not None and not is_compatible(meta.dbt_schema_version):
+        raise _version_error(env_name, path, meta.dbt_schema_version, meta.dbt_version)
+    if parsed.nodes is None:
+        raise _not_a_manifest(env_name, path, "it has no nodes")
     nodes: Dict[str, EnvNode] = {}
     for uid, n in parsed.nodes.items():
         if n.resource_type not in REFABLE or not n.config.enabled:
@@ -265,9 +332,9 @@ def _read_run_results(env_name: str, path: str) -> Dict[str, str]:
             f"dbt-defer: environment '{env_name}': cannot read {path} ({exc.strerror or exc}); "
             "fix its permissions or remove it"
         ) from None
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise ManifestError(
-            f"dbt-defer: environment '{env_name}': {path} is not a dbt run_results.json ({exc}); "
+            f"dbt-defer: environment '{env_name}': {path} is not a dbt run_results.json ({_one_line(exc)}); "
             "copy it again from that environment's target/ or remove it"
         ) from None
     return {

@@ -192,21 +192,16 @@ class DeferSession:
         for spec in cfg.environments:
             try:
                 local = guard.local_state(spec, target_path)
+                guard.check_not_target_path(spec, local, target_path)
                 path = manifest_path_for(spec.name, local)
-                guard.check_not_target_path(spec, path, target_path)
                 manifest = load_manifest(spec.name, path, is_compatible=WritableManifest.is_compatible_version)
                 guard.check_project(spec, manifest, project)
             except (ManifestError, guard.GuardError) as exc:
                 raise DbtRuntimeError(str(exc)) from None
             envs.append(Environment(spec, manifest))
-            age = manifest.age_hours()
-            if age is not None and age > cfg.max_age_hours:
-                log(
-                    f"dbt-defer: environment '{spec.name}' manifest is {age:.1f} hours old "
-                    f"(generated_at {manifest.generated_at}; max_age_hours {cfg.max_age_hours:g}); "
-                    "refresh it or deferred refs may read stale tables",
-                    EventLevel.WARN,
-                )
+            stale = guard.stale_warning(spec, manifest, cfg.max_age_hours)
+            if stale:
+                log(stale, EventLevel.WARN)
         return cls(task, cfg, envs)
 
     def merge(self, task: Any) -> None:
@@ -255,19 +250,12 @@ class DeferSession:
             uid for uid, node in task.manifest.nodes.items() if _meta(node).get("defer") is False
         }
         if self.cfg.never_defer:
-            from dbt.graph import NodeSelector, parse_difference
-
             try:
-                spec = parse_difference(list(self.cfg.never_defer), None)
-                selector = NodeSelector(task.graph, task.manifest, previous_state=task.previous_state)
-                chosen = selector.get_selected(spec)
-            except Exception as exc:  # dbt raises several kinds for bad selectors
-                first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                raise DbtRuntimeError(
-                    f"dbt-defer: vars: dbt_defer: never_defer {list(self.cfg.never_defer)} is not a valid "
-                    f"dbt selector ({first}); use dbt selector syntax such as tag:pii or path:models/restricted"
-                ) from None
-            found |= set(chosen)
+                found |= guard.never_defer_nodes(
+                    self.cfg.never_defer, task.graph, task.manifest, task.previous_state, log
+                )
+            except guard.GuardError as exc:
+                raise DbtRuntimeError(str(exc)) from None
         return frozenset(found)
 
     def _selected_now(self) -> FrozenSet[str]:
@@ -409,7 +397,53 @@ class DeferSession:
                 "its result may not hold in any single environment",
                 EventLevel.WARN,
             )
+        if self.cfg.audit_table and records:
+            self._write_audit_table(document)
         log(audit.summary_line(document["summary"], (r.limit for r in records)))
+
+    def _write_audit_table(self, document: Dict[str, Any]) -> None:
+        """Append the records to <target schema>.dbt_defer_audit; a failure only warns (SPEC §5)."""
+        from dbt.adapters.factory import get_adapter
+
+        config = self.task.config
+        where = f"{config.credentials.schema}.{audit.TABLE_NAME}"
+        try:
+            adapter = get_adapter(config)
+            relation = adapter.Relation.create(
+                database=config.credentials.database,
+                schema=config.credentials.schema,
+                identifier=audit.TABLE_NAME,
+                type="table",
+            )
+            where = str(relation)
+            rows = audit.table_rows(document)
+            with adapter.connection_named("dbt_defer_audit"):
+                try:
+                    adapter.execute_macro(
+                        "create_audit_table", macro_resolver=self.task.manifest, project="dbt_defer",
+                        kwargs={"relation": relation},
+                    )
+                    for batch in audit.batches(rows):
+                        adapter.execute_macro(
+                            "insert_audit_records", macro_resolver=self.task.manifest, project="dbt_defer",
+                            kwargs={"relation": relation, "rows": list(batch)},
+                        )
+                    adapter.commit_if_has_connection()
+                except BaseException:
+                    try:
+                        adapter.connections.rollback_if_open()
+                    except Exception:
+                        pass
+                    raise
+            log(f"dbt-defer: appended {len(rows)} audit records to {where}", EventLevel.DEBUG)
+        except Exception as exc:
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            log(
+                f"dbt-defer: could not append the audit to {where} ({first}); the run is not affected "
+                "and target/dbt_defer_audit.json holds the records. Fix or drop that relation, "
+                "or set vars: dbt_defer: audit_table: false",
+                EventLevel.WARN,
+            )
 
 
 def _target_path(config: Any) -> str:

@@ -1,0 +1,712 @@
+"""The ``dbt-defer`` command line: status, explain, fetch (SPEC §8).
+
+The CLI sits on top of the package: it imports config, manifests, guard and remote, and none
+of them imports it. Configuration is read as a deferred dbt run reads it
+(``session.config_for_task``): ``vars: dbt_defer`` from the project's dbt_project.yml,
+overlaid by ``--vars``, then the ``DBT_DEFER_*`` environment variables, then
+``--defer-state``/``--state`` (or ``DBT_DEFER_STATE``/``DBT_STATE``).
+
+Errors are one line on stderr, no traceback: exit 1 when something is unusable or dbt failed,
+exit 2 for bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from dbt_defer import __version__
+from dbt_defer.config import DeferConfig, DeferConfigError, EnvironmentSpec, load_config, truthy
+
+AUDIT_FILE = "dbt_defer_audit.json"
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- reading the project the way a dbt run does -------------------------------------------
+
+
+class ProjectContext:
+    """The project's root, name, target path and the deferral configuration."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.root = _project_root(args.project_dir)
+        self.project = _load_project_yml(self.root)
+        self.name = str(self.project.get("name") or "")
+        self.cli_vars = _parse_vars(args.vars)
+        self.settings = _settings(self.project.get("vars"), self.cli_vars)
+        self.target_path = self._target_path()
+        self.target_name = args.target or os.environ.get("DBT_TARGET") or self._default_target()
+        environ = os.environ
+        try:
+            self.cfg: DeferConfig = load_config(
+                self.settings,
+                environ,
+                self.root,
+                defer_state=args.defer_state or environ.get("DBT_DEFER_STATE") or None,
+                state=args.state or environ.get("DBT_STATE") or None,
+                favor_state=bool(getattr(args, "favor_state", False)) or truthy(environ.get("DBT_FAVOR_STATE")),
+            )
+        except DeferConfigError as exc:
+            raise CliError(str(exc), 2) from None
+
+    def _target_path(self) -> str:
+        raw = self.args.target_path or os.environ.get("DBT_TARGET_PATH") or self.project.get("target-path") or "target"
+        raw = _render_simple(str(raw), self.cli_vars)
+        return os.path.normpath(raw if os.path.isabs(raw) else os.path.join(self.root, raw))
+
+    def _default_target(self) -> Optional[str]:
+        """The profile's default target (only to say which limit applies); None when unknown."""
+        profile = self.project.get("profile")
+        folder = self.args.profiles_dir or os.environ.get("DBT_PROFILES_DIR")
+        if not folder:
+            folder = os.getcwd() if os.path.exists("profiles.yml") else os.path.expanduser("~/.dbt")
+        try:
+            import yaml
+
+            with open(os.path.join(folder, "profiles.yml"), encoding="utf-8") as fh:
+                profiles = yaml.safe_load(fh) or {}
+            target = profiles.get(profile, {}).get("target")
+        except Exception:
+            return None
+        if not isinstance(target, str):
+            return None
+        return _render_simple(target, self.cli_vars) if "{{" in target else target
+
+    def display(self, state: str) -> str:
+        if "://" in state:
+            return state
+        try:
+            rel = os.path.relpath(state, self.root)
+        except ValueError:
+            return state
+        return state if rel.startswith("..") else rel
+
+
+def _project_root(project_dir: Optional[str]) -> str:
+    if project_dir:
+        root = project_dir
+    elif os.environ.get("DBT_PROJECT_DIR"):
+        root = os.environ["DBT_PROJECT_DIR"]
+    else:
+        here = os.getcwd()
+        root = next(
+            (p for p in [here, *_parents(here)] if os.path.isfile(os.path.join(p, "dbt_project.yml"))), here
+        )
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isfile(os.path.join(root, "dbt_project.yml")):
+        raise CliError(
+            f"dbt-defer: no dbt_project.yml in {root}; run from your dbt project or pass --project-dir", 2
+        )
+    return root
+
+
+def _parents(path: str) -> Iterator[str]:
+    while True:
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        yield parent
+        path = parent
+
+
+def _load_project_yml(root: str) -> Dict[str, Any]:
+    import yaml
+
+    path = os.path.join(root, "dbt_project.yml")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"dbt-defer: cannot read {path} ({first}); fix the file", 2) from None
+    if not isinstance(data, dict):
+        raise CliError(f"dbt-defer: {path} is not a dbt project file (expected a mapping)", 2)
+    return data
+
+
+def _parse_vars(raw: Optional[str]) -> Dict[str, Any]:
+    if not raw:
+        return {}
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise CliError(f"dbt-defer: --vars is not valid YAML ({str(exc).splitlines()[0]})", 2) from None
+    if not isinstance(value, dict):
+        raise CliError("dbt-defer: --vars must be a YAML mapping, e.g. '{dbt_defer: {max_age_hours: 24}}'", 2)
+    return value
+
+
+def _settings(project_vars: Any, cli_vars: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Same overlay as session.settings_from: vars: dbt_defer, then --vars dbt_defer."""
+    project = project_vars if isinstance(project_vars, dict) else {}
+    base, override = project.get("dbt_defer"), cli_vars.get("dbt_defer")
+    if base is None and override is None:
+        return None
+    if override is None:
+        return base
+    if base is None or not isinstance(base, dict) or not isinstance(override, dict):
+        return override
+    return {**base, **override}
+
+
+def _render_simple(value: str, cli_vars: Dict[str, Any]) -> str:
+    """Render env_var()/var() in a project setting the way dbt renders dbt_project.yml."""
+    if "{{" not in value:
+        return value
+    try:
+        from dbt.config.renderer import DbtProjectYamlRenderer
+
+        return str(DbtProjectYamlRenderer(None, cli_vars).render_value(value))
+    except Exception:
+        return value
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def _print_table(columns: Sequence[str], rows: List[Sequence[Any]], out=None) -> None:
+    import agate
+
+    out = out or sys.stdout
+    text_rows = [["-" if v is None or v == "" else str(v) for v in row] for row in rows]
+    table = agate.Table(text_rows, list(columns), [agate.Text()] * len(columns))
+    table.print_table(max_rows=None, max_columns=None, max_column_width=120, output=out)
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _age(hours: Optional[float]) -> Optional[str]:
+    from dbt_defer.remote import human_age
+
+    return None if hours is None else human_age(hours)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+def _load_env(ctx: ProjectContext, spec: EnvironmentSpec, warn=_warn, local: Optional[str] = None):
+    """(loaded manifest, manifest path) for one environment, or raise CliError with the clear line.
+
+    ``local``: the state's local folder when the caller has fetched it already."""
+    from dbt_defer import guard, remote
+    from dbt_defer.manifests import ManifestError, load_manifest, manifest_path_for
+
+    try:
+        if "{{" in spec.state:
+            raise CliError(
+                f"dbt-defer: environment '{spec.name}': state {spec.state} contains Jinja, which dbt does "
+                f"not render inside vars: dbt_defer; set DBT_DEFER_{spec.name.upper()}_STATE instead"
+            )
+        if local is None:
+            local = remote.fetch_state(spec, ctx.target_path, warn=warn) if spec.is_uri else spec.state
+        path = manifest_path_for(spec.name, local)
+        guard.check_not_target_path(spec, path, ctx.target_path)
+        manifest = load_manifest(spec.name, path, is_compatible=_is_compatible())
+        if ctx.name:
+            guard.check_project(spec, manifest, ctx.name)
+    except (ManifestError, guard.GuardError) as exc:
+        raise CliError(str(exc)) from None
+    return manifest, path
+
+
+def _is_compatible():
+    try:
+        from dbt.artifacts.schemas.manifest import WritableManifest
+    except Exception:  # pragma: no cover
+        return None
+    return WritableManifest.is_compatible_version
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ctx = ProjectContext(args)
+    cfg = ctx.cfg
+    envs: List[Dict[str, Any]] = []
+    problems: List[str] = []
+    for spec in cfg.environments:
+        row: Dict[str, Any] = {
+            "name": spec.name,
+            "state": spec.state,
+            "configured_by": spec.source,
+            "manifest": None,
+            "generated_at": None,
+            "age_hours": None,
+            "dbt_version": None,
+            "nodes": None,
+            "stale": None,
+            "usable": False,
+            "problem": None,
+        }
+        try:
+            manifest, path = _load_env(ctx, spec)
+        except CliError as exc:
+            row["problem"] = str(exc)
+            problems.append(str(exc))
+        else:
+            age = manifest.age_hours()
+            row.update(
+                manifest=path,
+                generated_at=manifest.generated_at,
+                age_hours=None if age is None else round(age, 2),
+                dbt_version=manifest.dbt_version,
+                nodes=manifest.node_count,
+                stale=bool(age is not None and age > cfg.max_age_hours),
+                usable=True,
+            )
+        envs.append(row)
+
+    applies, limit = cfg.limit_for_target(ctx.target_name or "")
+    document = {
+        "project": ctx.name,
+        "project_dir": ctx.root,
+        "target": ctx.target_name,
+        "target_path": ctx.target_path,
+        "max_age_hours": cfg.max_age_hours,
+        "dev_relations": cfg.dev_relations,
+        "dev_relations_source": cfg.dev_relations_source,
+        "limit": limit if applies else None,
+        "environments": envs,
+        "usable": not problems and bool(envs),
+    }
+    if args.output == "json":
+        _print_json(document)
+    elif not envs:
+        pass
+    else:
+        rows = []
+        for e in envs:
+            stale = None if e["stale"] is None else ("STALE" if e["stale"] else "no")
+            rows.append(
+                [
+                    e["name"],
+                    ctx.display(e["state"]),
+                    e["configured_by"],
+                    e["generated_at"],
+                    _age(e["age_hours"]),
+                    e["dbt_version"],
+                    e["nodes"],
+                    stale,
+                    "ok" if e["usable"] else "UNUSABLE",
+                ]
+            )
+        print(f"dbt-defer chain for project {ctx.name!r}: dev (the current target) first, then:")
+        _print_table(
+            ["name", "source", "configured by", "generated_at", "age", "dbt version", "nodes", "stale", "usable"],
+            rows,
+        )
+        limit_text = (
+            f"{limit} rows" if applies and limit is not None else ("none" if applies else "none")
+        )
+        print(
+            f"dev relations: {cfg.dev_relations} ({cfg.dev_relations_source}); "
+            f"max_age_hours: {cfg.max_age_hours:g}; "
+            f"limit for target {ctx.target_name or '(unknown)'}: {limit_text}"
+        )
+    if not envs:
+        print(
+            "dbt-defer: no environment is configured; add vars: dbt_defer: environments to dbt_project.yml, "
+            "or set DBT_DEFER_<NAME>_STATE (or --defer-state/--state)",
+            file=sys.stderr,
+        )
+        return 1
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+# --- explain -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _env(extra: Dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _first_line(text: str) -> str:
+    for line in str(text).strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+_GENERIC = re.compile(
+    r"^(Encountered an error:?|(Runtime|Compilation|Database|Parsing|Dependency|Internal) Error)$", re.I
+)
+
+
+def _one_line(text: str) -> str:
+    """dbt's multi-line error as one line, without its generic headers."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    kept = [line for line in lines if not _GENERIC.match(line)] or lines
+    return " ".join(kept) or "(no message)"
+
+
+def _seed_scratch(ctx: ProjectContext, scratch: str) -> None:
+    """Copy (never move) what speeds the compile up: dbt's partial-parse file, fetched state."""
+    from dbt_defer import remote
+
+    parse_file = os.path.join(ctx.target_path, "partial_parse.msgpack")
+    if os.path.isfile(parse_file):
+        shutil.copy2(parse_file, os.path.join(scratch, "partial_parse.msgpack"))
+    cache = os.path.join(ctx.target_path, remote.CACHE_DIR)
+    if os.path.isdir(cache):
+        shutil.copytree(cache, os.path.join(scratch, remote.CACHE_DIR))
+
+
+def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Dict[str, Any]:
+    """Compile the selection with deferral on into a scratch target path; return the audit."""
+    from dbt.cli.main import dbtRunner
+
+    if not ctx.cfg.configured:
+        raise CliError(
+            "dbt-defer: no environment is configured, so nothing is deferred; add vars: dbt_defer: "
+            "environments to dbt_project.yml or set DBT_DEFER_<NAME>_STATE (see dbt-defer status)",
+            2,
+        )
+    scratch = tempfile.mkdtemp(prefix="dbt-defer-explain-")
+    events: List[Tuple[str, str, str]] = []
+
+    def collect(event: Any) -> None:
+        info = event.info
+        events.append((info.name, str(info.level), info.msg or ""))
+
+    try:
+        _seed_scratch(ctx, scratch)
+        argv = [
+            "compile",
+            "--project-dir", ctx.root,
+            "--target-path", scratch,
+            "--log-path", os.path.join(scratch, "logs"),
+            "--log-level", "none",
+            "--log-level-file", "none",
+            "--no-write-json",
+        ]
+        if args.profiles_dir:
+            argv += ["--profiles-dir", args.profiles_dir]
+        if args.target:
+            argv += ["--target", args.target]
+        if args.select:
+            argv += ["--select", *args.select]
+        if args.exclude:
+            argv += ["--exclude", *args.exclude]
+        if args.selector:
+            argv += ["--selector", args.selector]
+        if args.vars:
+            argv += ["--vars", args.vars]
+        if args.state:
+            argv += ["--state", args.state]
+        if args.defer_state:
+            argv += ["--defer-state", args.defer_state]
+        if args.favor_state:
+            argv += ["--favor-state"]
+        if args.threads:
+            argv += ["--threads", str(args.threads)]
+        with _env({"DBT_DEFER": "1"}):
+            result = dbtRunner(callbacks=[collect]).invoke(argv)
+
+        warnings = [m for (_, level, m) in events if level == "warn" and m.startswith("dbt-defer:")]
+        for message in dict.fromkeys(warnings):
+            _warn(_first_line(message))
+        if not result.success:
+            errors = [m for (_, level, m) in events if level == "error" and m.strip()]
+            ours = [m for m in errors if "dbt-defer:" in m]
+            if result.exception is not None:
+                errors.append(str(result.exception))
+            if ours:
+                text = ours[0]
+                raise CliError(_first_line(text[text.find("dbt-defer:"):]))
+            raise CliError(f"dbt-defer: dbt compile failed: {_one_line(errors[0] if errors else '')}")
+        audit_path = os.path.join(scratch, AUDIT_FILE)
+        if not os.path.isfile(audit_path):
+            if any("NoNodesSelected" in name or "Nothing to do" in msg for (name, _, msg) in events):
+                raise CliError("dbt-defer: the selection matched no node; check -s/--select")
+            raise CliError("dbt-defer: deferral did not run (no audit was written); check dbt-defer status")
+        with open(audit_path, encoding="utf-8") as fh:
+            return json.load(fh)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from dbt_defer import audit
+
+    ctx = ProjectContext(args)
+    document = run_explain(ctx, args)
+    if args.output == "json":
+        _print_json(
+            {
+                "target": document.get("metadata", {}).get("target"),
+                "select": args.select or [],
+                "environments": document.get("environments", []),
+                "resolutions": document.get("resolutions", []),
+                "summary": document.get("summary", {}),
+            }
+        )
+        return 0
+    records = document.get("resolutions", [])
+    if not records:
+        print("dbt-defer: the selected nodes contain no ref()")
+        return 0
+    _print_table(
+        ["node", "ref", "env", "relation", "reason", "limit"],
+        [[r["node"], r["ref"], r["env"], r["relation"], r["reason"], r.get("limit")] for r in records],
+    )
+    crossed = sorted({r["node"] for r in records if r.get("cross_environment")})
+    for node in crossed:
+        print(f"note: {node} compares data across environments")
+    print(audit.summary_line(document.get("summary", {}), (r.get("limit") for r in records)))
+    return 0
+
+
+# --- fetch ---------------------------------------------------------------------------------
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from dbt_defer import remote
+
+    ctx = ProjectContext(args)
+    if not ctx.cfg.configured:
+        raise CliError(
+            "dbt-defer: no environment is configured; add vars: dbt_defer: environments to dbt_project.yml "
+            "or set DBT_DEFER_<NAME>_STATE",
+            1,
+        )
+    rows: List[Dict[str, Any]] = []
+    problems: List[str] = []
+    wanted = set(args.env or [])
+    unknown = wanted - {s.name for s in ctx.cfg.environments}
+    if unknown:
+        raise CliError(f"dbt-defer: no environment named {', '.join(sorted(unknown))} in the chain (see dbt-defer status)", 2)
+    for spec in ctx.cfg.environments:
+        if wanted and spec.name not in wanted:
+            continue
+        row: Dict[str, Any] = {
+            "name": spec.name,
+            "state": spec.state,
+            "action": None,
+            "local": None,
+            "fetched_at": None,
+            "generated_at": None,
+            "run_results": None,
+            "ok": False,
+            "problem": None,
+        }
+        try:
+            if spec.is_uri:
+                from dbt_defer.manifests import ManifestError
+
+                try:
+                    result = remote.fetch(spec, ctx.target_path, force=args.force, warn=_warn)
+                except ManifestError as exc:
+                    raise CliError(str(exc)) from None
+                row.update(action=result.action, local=result.local, fetched_at=result.fetched_at,
+                           run_results=result.run_results)
+            else:
+                row.update(action="local (nothing to fetch)", local=spec.state)
+            manifest, path = _load_env(ctx, spec, local=row["local"])
+            row.update(generated_at=manifest.generated_at, run_results=manifest.run_results_path is not None,
+                       ok=True)
+        except CliError as exc:
+            row["problem"] = str(exc)
+            problems.append(str(exc))
+        rows.append(row)
+    if args.output == "json":
+        _print_json({"target_path": ctx.target_path, "environments": rows})
+    else:
+        _print_table(
+            ["name", "source", "action", "cached in", "generated_at", "run_results", "verified"],
+            [
+                [
+                    r["name"],
+                    ctx.display(r["state"]),
+                    r["action"] or "failed",
+                    ctx.display(r["local"]) if r["local"] and "://" in r["state"] else None,
+                    r["generated_at"],
+                    None if r["run_results"] is None else ("yes" if r["run_results"] else "no"),
+                    "ok" if r["ok"] else "FAILED",
+                ]
+                for r in rows
+            ],
+        )
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+_MAIN_EPILOG = """\
+examples:
+  dbt-defer status                       # where each environment's manifest comes from, and how old it is
+  dbt-defer explain -s customers+        # where every ref of the selection would be read from
+  dbt-defer fetch                        # refresh the local copies of remote (s3://, https://, ...) manifests
+
+configuration (see the README): vars: dbt_defer: environments in dbt_project.yml, or
+DBT_DEFER_<NAME>_STATE environment variables, e.g. DBT_DEFER_PROD_STATE=s3://bucket/dbt/prod
+"""
+
+_STATUS_EPILOG = """\
+Lists the deferral chain after dev (highest priority first): each environment's state
+location, who configured it (vars or an environment variable), the manifest's generated_at,
+its age, the dbt version that wrote it, its node count, and whether it is older than
+max_age_hours (stale). Remote (URI) states are fetched into the cache first.
+Exit 1 when an environment is unusable (missing, not a manifest, another project, a schema
+this dbt cannot read) or none is configured.
+
+examples:
+  dbt-defer status
+  dbt-defer status --project-dir analytics --output json
+  DBT_DEFER_PROD_STATE=https://artifacts.example.com/prod/manifest.json dbt-defer status
+"""
+
+_EXPLAIN_EPILOG = """\
+Shows, for every ref() in the selected nodes, where a deferred run would read it from:
+node, ref, env (dev, an environment name, or ephemeral), relation, reason (selected,
+dev_exists, dev_modified, restricted, deferred, ephemeral, ...) and the row limit.
+Computed by dbt itself (dbt compile with DBT_DEFER=1) into a scratch target path: your
+target/ is left untouched, and nothing is created, altered or dropped in any environment
+(only metadata queries: which relations exist).
+
+examples:
+  dbt-defer explain -s customers
+  dbt-defer explain -s state:modified+ --state prod-artifacts --target ci
+  dbt-defer explain -s customers --output json | jq '.resolutions[] | select(.env == "prod")'
+"""
+
+_FETCH_EPILOG = """\
+Copies each remote environment's manifest.json (and run_results.json when present) into
+<target path>/dbt_defer_state/<env>/ and verifies it is a dbt manifest of this project that
+this dbt can read. Unchanged remote files (same ETag, or modification time and size) are not
+downloaded again. dbt runs with DBT_DEFER=1 fetch on their own; use this to refresh ahead of
+time, or in CI to fail fast. If a remote is unreachable, the cached copy is kept and its age
+is shown. URIs: file://, http(s):// (pip install "dbt-defer[http]"),
+s3:// ("dbt-defer[s3]"), gs:// ("dbt-defer[gcs]").
+
+examples:
+  dbt-defer fetch
+  dbt-defer fetch --env prod --force
+  DBT_DEFER_PROD_STATE=s3://my-bucket/dbt/prod dbt-defer fetch --output json
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("project (as for dbt)")
+    group.add_argument("--project-dir", metavar="D", help="the dbt project (default: the nearest folder up holding dbt_project.yml, or DBT_PROJECT_DIR)")
+    group.add_argument("--profiles-dir", metavar="P", help="folder holding profiles.yml (default: as dbt: DBT_PROFILES_DIR, the current folder, ~/.dbt)")
+    group.add_argument("-t", "--target", metavar="T", help="the profile target (your dev target; default: the profile's default)")
+    group.add_argument("--vars", metavar="YAML", help="as dbt's --vars; a dbt_defer key overlays vars: dbt_defer, e.g. '{dbt_defer: {max_age_hours: 24}}'")
+    group.add_argument("--target-path", metavar="PATH", help="dbt's target path, where fetched state is cached (default: the project's target-path)")
+    group.add_argument("--state", metavar="PATH", help="dbt's --state (the single environment 'prod' when nothing else configures one; default DBT_STATE)")
+    group.add_argument("--defer-state", metavar="PATH", help="dbt's --defer-state (like --state, and wins over it; default DBT_DEFER_STATE)")
+    parser.add_argument("--output", "-o", choices=("table", "json"), default="table", help="table (default) or json")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=min(100, shutil.get_terminal_size((100, 20)).columns))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dbt-defer",
+        description="Inspect and prepare dbt-defer's chain of environments (dev -> staging -> prod).",
+        epilog=_MAIN_EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dbt-defer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{status,explain,fetch}")
+
+    status = sub.add_parser(
+        "status", help="the chain as a table: source, age, dbt version, nodes, stale",
+        description="Show the deferral chain and check every environment's manifest.",
+        epilog=_STATUS_EPILOG, formatter_class=_Formatter,
+    )
+    _common(status)
+    status.set_defaults(func=cmd_status)
+
+    explain = sub.add_parser(
+        "explain", help="where each ref() of the selection resolves (env, relation, reason, limit)",
+        description="Show where each ref() of the selected nodes would be read from, without building anything.",
+        epilog=_EXPLAIN_EPILOG, formatter_class=_Formatter,
+    )
+    sel = explain.add_argument_group("selection (as for dbt)")
+    sel.add_argument("-s", "--select", nargs="+", action="extend", metavar="SELECTOR", help="dbt selectors of the nodes to explain (default: every node, as dbt compile)")
+    sel.add_argument("--exclude", nargs="+", action="extend", metavar="SELECTOR", help="dbt selectors to leave out")
+    sel.add_argument("--selector", metavar="NAME", help="a named selector from selectors.yml")
+    sel.add_argument("--favor-state", action="store_true", help="dev_relations: never for this explain (as dbt's --favor-state)")
+    sel.add_argument("--threads", type=int, metavar="N", help="dbt threads for the compile")
+    _common(explain)
+    explain.set_defaults(func=cmd_explain)
+
+    fetch = sub.add_parser(
+        "fetch", help="copy remote (URI) state into the local cache and verify it",
+        description="Fetch every remote environment's manifest into <target path>/dbt_defer_state/ and verify it.",
+        epilog=_FETCH_EPILOG, formatter_class=_Formatter,
+    )
+    fetch.add_argument("--env", action="append", metavar="NAME", help="only this environment (repeatable)")
+    fetch.add_argument("--force", action="store_true", help="download even when the remote looks unchanged")
+    _common(fetch)
+    fetch.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    except DeferConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dbt-defer: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line, no traceback (DBT_DEFER_DEBUG=1 shows it)
+        if truthy(os.environ.get("DBT_DEFER_DEBUG")):
+            raise
+        print(
+            f"dbt-defer: unexpected error: {type(exc).__name__}: {_first_line(str(exc))} "
+            "(set DBT_DEFER_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""Audit logging (SPEC §5): the JSON artifact, the log lines, the warehouse table, the
+cross-environment flag on data tests, and exactly one record per edge with threads: 8.
+
+Real dbt runs on DuckDB and Postgres. The ``envs`` project has prod built in full and staging
+in part (raw_*, stg_*, orders), so a dev run reads from all three places.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+import dbt_defer
+from dbt_defer import audit
+from dbt_harness import make_project, pg_connect
+from conftest import ADAPTERS, require_adapter
+
+ENV = {"DBT_DEFER": "1", "DBT_DEFER_STAGING_STATE": "staging-artifacts", "DBT_DEFER_PROD_STATE": "prod-artifacts"}
+# tests of the log lines must not depend on what earlier tests left in dev
+NEVER_DEV = {**ENV, "DBT_DEFER_DEV_RELATIONS": "never"}
+PROJECT = "dbt_defer_integration_tests"
+RECORD_KEYS = ["node", "ref", "env", "relation", "reason", "limit", "cross_environment"]
+REL_TEST = "test.dbt_defer_integration_tests.relationships_model_b_id__id__ref_model_a_.ea90810b97"
+
+
+def uid(name: str, kind: str = "model") -> str:
+    return f"{kind}.{PROJECT}.{name}"
+
+
+def rel(project, env: str, name: str) -> str:
+    return f'"{project.database}"."{project.schema(env)}"."{name}"'
+
+
+def ours(result, level: str = None):
+    return [m for m in result.messages if m["msg"].startswith("dbt-defer:") and (level is None or m["level"] == level)]
+
+
+def execute(project, sql: str) -> None:
+    """Run a write statement outside dbt (set-up of a test only)."""
+    if project.adapter == "postgres":
+        conn = pg_connect()
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
+        return
+    import duckdb
+
+    con = duckdb.connect(str(project.duckdb_path))  # shares dbt-duckdb's in-process handle if open
+    try:
+        con.execute(sql)
+    finally:
+        con.close()
+
+
+def release_duckdb() -> None:
+    """dbt-duckdb keeps its database open in-process after a run; another process needs the lock."""
+    try:
+        from dbt.adapters.duckdb.connections import DuckDBConnectionManager
+    except ImportError:
+        return
+    DuckDBConnectionManager.close_all_connections()
+    gc.collect()
+
+
+def invocation_id_of_last_run(project) -> str:
+    return json.loads((project.target / "run_results.json").read_text())["metadata"]["invocation_id"]
+
+
+# --- the artifact ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def build_b(envs):
+    """dev build of customers (refs staging + an ephemeral) and model_b (refs prod) with tests."""
+    result = envs.dbt("build", "-s", "customers", "model_b", env=ENV)
+    return envs, result
+
+
+def test_artifact_shape(build_b):
+    project, result = build_b
+    doc = project.audit()
+    assert list(doc) == ["metadata", "environments", "resolutions", "summary"]
+
+    meta = doc["metadata"]
+    assert list(meta) == ["dbt_defer_version", "invocation_id", "generated_at", "target", "command"]
+    assert meta["dbt_defer_version"] == dbt_defer.__version__
+    assert meta["invocation_id"] == invocation_id_of_last_run(project)
+    assert meta["target"] == "dev" and meta["command"] == "build"
+    datetime.strptime(meta["generated_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
+
+    expected_envs = []
+    for name in ("staging", "prod"):
+        manifest = json.loads((project.root / f"{name}-artifacts" / "manifest.json").read_text())
+        expected_envs.append(
+            {
+                "name": name,
+                "state": str(project.root / f"{name}-artifacts"),
+                "generated_at": manifest["metadata"]["generated_at"],
+                "nodes": len(manifest["nodes"]),
+            }
+        )
+    assert doc["environments"] == expected_envs
+
+    records = doc["resolutions"]
+    keys = [(r["node"], r["ref"]) for r in records]
+    assert keys == sorted(keys), "resolutions are ordered by node then ref"
+    assert len(set(keys)) == len(keys), "one record per (node, ref)"
+    for r in records:
+        assert list(r) == RECORD_KEYS
+
+
+def test_artifact_content(build_b):
+    project, _ = build_b
+    got = {(r["node"], r["ref"]): r for r in project.audit()["resolutions"]}
+    row = lambda env, relation, reason, limit=None, cross=False: {  # noqa: E731
+        "env": env, "relation": relation, "reason": reason, "limit": limit, "cross_environment": cross
+    }
+    expected = {
+        # customers refs stg_customers (in staging) and the ephemeral int_order_totals, which refs stg_orders
+        (uid("customers"), uid("stg_customers")): row("staging", rel(project, "staging", "stg_customers"), "deferred"),
+        (uid("customers"), uid("int_order_totals")): row("ephemeral", "__dbt__cte__int_order_totals", "ephemeral"),
+        (uid("int_order_totals"), uid("stg_orders")): row("staging", rel(project, "staging", "stg_orders"), "deferred"),
+        # model_a was never built in staging: prod
+        (uid("model_b"), uid("model_a")): row("prod", rel(project, "prod", "model_a"), "deferred"),
+        # tests of the selected customers read dev
+        (uid("assert_totals_not_negative", "test"), uid("customers")): row(
+            "dev", rel(project, "dev", "customers"), "selected"
+        ),
+        (REL_TEST, uid("model_b")): row("dev", rel(project, "dev", "model_b"), "selected", cross=True),
+        (REL_TEST, uid("model_a")): row("prod", rel(project, "prod", "model_a"), "deferred", cross=True),
+    }
+    for test in ("not_null_customers_customer_id", "unique_customers_customer_id"):
+        [key] = [k for k in got if k[0].startswith(uid(test, "test") + ".")]
+        expected[key] = row("dev", rel(project, "dev", "customers"), "selected")
+    assert {k: {f: v[f] for f in RECORD_KEYS[2:]} for k, v in got.items()} == expected
+
+    # what the audit says is what the SQL reads
+    compiled = project.compiled("models/marts/customers.sql")
+    assert rel(project, "staging", "stg_customers") in compiled
+    assert rel(project, "prod", "model_a") in project.compiled("models/docs_example/model_b.sql")
+
+
+def test_summary_and_log_lines(build_b):
+    project, result = build_b
+    doc = project.audit()
+    assert doc["summary"] == {"dev": 4, "staging": 2, "prod": 2, "ephemeral": 1, "limited": 0}
+    assert list(doc["summary"]) == ["dev", "staging", "prod", "ephemeral", "limited"]
+
+    info = [m["msg"] for m in ours(result, "info")]
+    assert info == ["dbt-defer: 9 refs resolved: dev 4, staging 2, prod 2, ephemeral 1"]
+    summary_at = max(i for i, m in enumerate(result.messages) if m["msg"] == info[0])
+    assert all(not m["msg"].startswith("dbt-defer:") for m in result.messages[summary_at + 1:])
+
+    # one debug line per deferred ref (staging/prod), none for dev or ephemeral refs
+    debug = sorted(m["msg"] for m in ours(result, "debug") if " -> " in m["msg"])
+    deferred = [r for r in doc["resolutions"] if r["env"] in ("staging", "prod")]
+    assert debug == sorted(f"dbt-defer: {r['node']} -> {r['ref']}: {r['env']} {r['relation']}" for r in deferred)
+
+
+def test_cross_environment_test_warns_once(build_b):
+    project, result = build_b
+    warnings = ours(result, "warn")
+    assert len(warnings) == 1
+    assert REL_TEST in warnings[0]["msg"] and "(dev, prod)" in warnings[0]["msg"]
+    flagged = {r["node"] for r in project.audit()["resolutions"] if r["cross_environment"]}
+    assert flagged == {REL_TEST}
+
+
+def test_same_env_data_test_is_not_cross_environment(envs):
+    """model_a and model_b both selected: the relationships test reads dev only."""
+    result = envs.dbt("build", "-s", "model_a", "model_b", env=ENV)
+    records = [r for r in envs.audit()["resolutions"] if r["node"] == REL_TEST]
+    assert {r["env"] for r in records} == {"dev"} and not any(r["cross_environment"] for r in records)
+    assert ours(result, "warn") == []
+
+
+def test_artifact_is_rewritten_per_invocation(envs):
+    envs.dbt("compile", "-s", "stg_customers", env=ENV)
+    first = envs.audit()
+    envs.dbt("compile", "-s", "model_a", env=ENV)
+    second = envs.audit()
+    assert second["metadata"]["invocation_id"] != first["metadata"]["invocation_id"]
+    # compile -s model_a also compiles the relationships test on model_a (eager selection)
+    assert {r["node"] for r in first["resolutions"]} == {uid("stg_customers")}
+    assert {r["node"] for r in second["resolutions"]} == {uid("model_a"), REL_TEST}
+    assert second["metadata"]["command"] == "compile"
+
+
+def test_no_artifact_without_deferral(envs):
+    path = envs.target / "dbt_defer_audit.json"
+    path.unlink(missing_ok=True)
+    envs.dbt("compile", "-s", "model_a")
+    assert not path.exists()
+
+
+# --- logs ---------------------------------------------------------------------------------------
+
+
+def test_lines_reach_dbt_log(envs):
+    log_file = envs.root / "logs" / "dbt.log"
+    log_file.unlink(missing_ok=True)
+    envs.dbt("compile", "-s", "model_b", env=NEVER_DEV)
+    text = log_file.read_text()
+    assert f"dbt-defer: {uid('model_b')} -> {uid('model_a')}: prod {rel(envs, 'prod', 'model_a')}" in text
+    assert "dbt-defer: 3 refs resolved: dev 1, prod 2" in text
+
+
+def test_lines_in_json_log_format(envs):
+    """A real `dbt` process: the summary is a JSON line on stdout; the debug lines are JSON in dbt.log."""
+    dbt = os.path.join(os.path.dirname(sys.executable), "dbt")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBT_DEFER", "DBT_STATE", "DBT_TARGET"))}
+    env.update(NEVER_DEV, DBT_SEND_ANONYMOUS_USAGE_STATS="false")
+    log_file = envs.root / "logs" / "dbt.log"
+    log_file.unlink(missing_ok=True)
+    release_duckdb()
+    proc = subprocess.run(
+        [dbt, "--log-format", "json", "compile", "-s", "model_b",
+         "--project-dir", str(envs.root), "--profiles-dir", str(envs.root)],
+        env=env, cwd=str(envs.root), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stdout = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    summary = [e for e in stdout if e["data"].get("msg", "").startswith("dbt-defer: 3 refs resolved")]
+    assert len(summary) == 1
+    assert summary[0]["info"]["level"] == "info" and summary[0]["info"]["name"] == "Note"
+    assert summary[0]["data"]["msg"] == "dbt-defer: 3 refs resolved: dev 1, prod 2"
+
+    in_file = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
+    debug = [e for e in in_file if e["data"].get("msg", "").startswith(f"dbt-defer: {uid('model_b')} -> ")]
+    assert [e["info"]["level"] for e in debug] == ["debug"]
+    assert debug[0]["data"]["msg"].endswith(f": prod {rel(envs, 'prod', 'model_a')}")
+
+
+# --- warehouse table ----------------------------------------------------------------------------
+
+TABLE_VARS = "{dbt_defer: {audit_table: true}}"
+QUOTED_MODELS = {
+    # a relation name with a single quote in it: the insert must escape it
+    "models/audit_table/quoted_parent.sql": "{{ config(materialized='view', alias=\"it's_quoted\") }}\nselect 1 as id",
+    "models/audit_table/quoted_child.sql": "{{ config(materialized='view') }}\nselect id from {{ ref('quoted_parent') }}",
+}
+
+
+def table_rows(project):
+    cols = "invocation_id, target_name, command, node, ref, env, relation, reason, row_limit, cross_environment"
+    rows = project.query(f"select {cols}, generated_at from {project.schema('dev')}.dbt_defer_audit")
+    return sorted(rows, key=lambda r: (r[0], r[3], r[4]))
+
+
+def expected_rows(doc):
+    meta = doc["metadata"]
+    return [
+        (meta["invocation_id"], meta["target"], meta["command"], r["node"], r["ref"], r["env"], r["relation"],
+         r["reason"], r["limit"], r["cross_environment"])
+        for r in doc["resolutions"]
+    ]
+
+
+def test_audit_table_appends_each_run(envs):
+    for path, text in QUOTED_MODELS.items():
+        envs.write(path, text)
+    first = envs.dbt("build", "-s", "model_b", "quoted_parent", "quoted_child", "--vars", TABLE_VARS, env=ENV)
+    doc1 = envs.audit()
+    assert [m for m in ours(first, "warn") if REL_TEST not in m["msg"]] == []  # only the cross-env warning
+    assert any(r["relation"].endswith('."it\'s_quoted"') for r in doc1["resolutions"])
+    envs.dbt("compile", "-s", "model_a", "--vars", TABLE_VARS, env=ENV)
+    doc2 = envs.audit()
+
+    rows = table_rows(envs)
+    want = sorted(expected_rows(doc1) + expected_rows(doc2), key=lambda r: (r[0], r[3], r[4]))
+    assert [tuple(r[:10]) for r in rows] == want
+    stamps = {r[0]: r[10] for r in rows}
+    for doc in (doc1, doc2):
+        generated = datetime.strptime(doc["metadata"]["generated_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        assert stamps[doc["metadata"]["invocation_id"]].replace(tzinfo=None) == generated
+
+
+def test_no_audit_table_by_default(envs):
+    before = len(table_rows(envs)) if envs.relation_exists("dev", "dbt_defer_audit") else 0
+    envs.dbt("compile", "-s", "model_a", env=ENV)
+    after = len(table_rows(envs)) if envs.relation_exists("dev", "dbt_defer_audit") else 0
+    assert after == before
+
+
+def test_audit_table_failure_warns_and_run_succeeds(envs):
+    """An incompatible relation already named dbt_defer_audit: the insert fails, dbt does not."""
+    execute(envs, f"drop table if exists {envs.schema('dev')}.dbt_defer_audit")
+    execute(envs, f"create table {envs.schema('dev')}.dbt_defer_audit (something_else integer)")
+    try:
+        result = envs.dbt("build", "-s", "model_a", "--vars", TABLE_VARS, env=ENV)  # asserts success
+        warnings = [m["msg"] for m in ours(result, "warn") if "audit" in m["msg"]]
+        assert len(warnings) == 1
+        assert warnings[0].startswith("dbt-defer: could not append the audit to ")
+        assert "dbt_defer_audit" in warnings[0] and "the run is not affected" in warnings[0]
+        assert result.node_results()[uid("model_a")].status == "success"
+        # the artifact is still written, and the summary still ends the run
+        assert envs.audit()["metadata"]["invocation_id"] == invocation_id_of_last_run(envs)
+        assert re.match(r"dbt-defer: \d+ refs? resolved", ours(result, "info")[-1]["msg"])
+        assert envs.query(f"select count(*) from {envs.schema('dev')}.dbt_defer_audit") == [(0,)]
+    finally:
+        execute(envs, f"drop table if exists {envs.schema('dev')}.dbt_defer_audit")
+
+
+# --- threads: 8 over a wide project ---------------------------------------------------------------
+
+LAYERS, WIDTH, REFS = 6, 10, 4
+
+
+def wide_project_source(folder: Path, seed: int = 7) -> Path:
+    """LAYERS x WIDTH view models; each model after the first layer refs REFS earlier models (one
+    of them twice, and one through the two-argument form); a not_null test on every model; half of
+    the models tagged 'work'."""
+    rng = random.Random(seed)
+    (folder / "models").mkdir(parents=True)
+    (folder / "macros").mkdir()
+    (folder / "dbt_project.yml").write_text(
+        f"name: {PROJECT}\nversion: '1.0'\nconfig-version: 2\nprofile: {PROJECT}\n"
+        "model-paths: [models]\nmacro-paths: [macros]\n"
+        f"models:\n  {PROJECT}:\n    +materialized: view\n"
+    )
+    (folder / "packages.yml").write_text("packages:\n  - local: ../\n")
+    (folder / "macros" / "ref.sql").write_text(
+        "{% macro ref() %}{{ return(dbt_defer.ref(*varargs, **kwargs)) }}{% endmacro %}\n"
+    )
+    yml = ["version: 2", "models:"]
+    names = []
+    for layer in range(LAYERS):
+        for i in range(WIDTH):
+            name = f"m_{layer}_{i}"
+            tags = "['work']" if (layer + i) % 2 == 0 else "[]"
+            if layer == 0:
+                body = f"select {i} as id"
+            else:
+                parents = rng.sample(names, REFS)
+                parts = [f"select id from {{{{ ref('{parents[0]}') }}}}",
+                         f"select id from {{{{ ref('{PROJECT}', '{parents[1]}') }}}}"]
+                parts += [f"select id from {{{{ ref('{p}') }}}}" for p in parents[2:]]
+                parts.append(f"select id from {{{{ ref('{parents[0]}') }}}} where id < 0")
+                body = "\nunion all\n".join(parts)
+            (folder / "models" / f"{name}.sql").write_text(f"{{{{ config(tags={tags}) }}}}\n{body}\n")
+            yml += [f"  - name: {name}", "    columns:", "      - name: id", "        data_tests: [not_null]"]
+        names += [f"m_{layer}_{i}" for i in range(WIDTH)]
+    (folder / "models" / "_schema.yml").write_text("\n".join(yml) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_threads_8_one_record_per_edge(adapter, tmp_path):
+    require_adapter(adapter)
+    project = make_project(tmp_path, adapter, threads=8, source=wide_project_source(tmp_path / "src"))
+    try:
+        project.dbt("deps")
+        project.dbt("run", "--target", "prod")
+        project.save_artifacts("prod-artifacts")
+        result = project.dbt("build", "-s", "tag:work", env={"DBT_DEFER": "1", "DBT_DEFER_PROD_STATE": "prod-artifacts"})
+        assert "Concurrency: 8 threads" in result.text()
+
+        manifest = json.loads((project.target / "manifest.json").read_text())
+        run = json.loads((project.target / "run_results.json").read_text())
+        executed = {r["unique_id"] for r in run["results"]}
+        selected_models = {u for u in executed if u.startswith("model.")}
+        assert len(selected_models) == LAYERS * WIDTH // 2 and len(executed) == 2 * len(selected_models)
+        edges = {
+            (node, parent)
+            for node in executed
+            for parent in manifest["nodes"][node]["depends_on"]["nodes"]
+        }
+        assert len(edges) >= 120
+
+        records = project.audit()["resolutions"]
+        keys = [(r["node"], r["ref"]) for r in records]
+        assert len(keys) == len(set(keys)), "a (node, ref) pair is recorded twice"
+        assert set(keys) == edges, f"lost: {sorted(edges - set(keys))[:5]} extra: {sorted(set(keys) - edges)[:5]}"
+        for r in records:
+            if r["ref"] in selected_models:
+                assert (r["env"], r["reason"]) == ("dev", "selected"), r
+            else:
+                assert (r["env"], r["reason"]) == ("prod", "deferred"), r
+                assert r["relation"] == rel(project, "prod", r["ref"].rsplit(".", 1)[1])
+        deferred = sum(1 for r in records if r["env"] == "prod")
+        debug = [m for m in ours(result, "debug") if " -> " in m["msg"]]
+        assert len(debug) == deferred
+        assert project.audit()["summary"] == {"dev": len(records) - deferred, "prod": deferred, "limited": 0}
+    finally:
+        project.drop_schemas()

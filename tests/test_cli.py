@@ -1,0 +1,305 @@
+"""The dbt-defer command line (SPEC §8) against real projects: status, explain, fetch, --help.
+
+``envs`` (conftest): prod built in full -> prod-artifacts/; staging built in part (seeds,
+stg_customers, stg_orders, orders) -> staging-artifacts/. The chain is given by environment
+variables here; one test reads it from dbt_project.yml vars instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import pytest
+
+from dbt_harness import _environment
+from dbt_defer import cli
+from test_remote import Server
+
+CHAIN = {"DBT_DEFER_STAGING_STATE": "staging-artifacts", "DBT_DEFER_PROD_STATE": "prod-artifacts"}
+SCRIPT = Path(sys.executable).parent / "dbt-defer"
+
+
+def run_cli(capsys, project, *args: str, env: Optional[Dict[str, str]] = None, profiles: bool = True) -> Tuple[int, str, str]:
+    argv = [*args, "--project-dir", str(project.root)]
+    if profiles and args and args[0] == "explain":
+        argv += ["--profiles-dir", str(project.root)]
+    capsys.readouterr()
+    with _environment(env if env is not None else CHAIN):
+        code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_clear_line(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dbt-defer:"), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# --- help ------------------------------------------------------------------------------------
+
+
+def test_help_explains_every_command_with_examples():
+    assert SCRIPT.exists(), "console script missing: pip install -e . in the venv"
+    main = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True)
+    assert main.returncode == 0
+    for word in ("status", "explain", "fetch", "examples:", "DBT_DEFER_PROD_STATE"):
+        assert word in main.stdout
+    for command, words in {
+        "status": ("--project-dir", "--profiles-dir", "--target", "--output", "stale", "dbt-defer status"),
+        "explain": ("--select", "--target", "--project-dir", "--profiles-dir", "--output", "dbt-defer explain -s"),
+        "fetch": ("--force", "--env", "s3://", "dbt-defer fetch"),
+    }.items():
+        res = subprocess.run([str(SCRIPT), command, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        assert "examples:" in res.stdout
+        for word in words:
+            assert word in res.stdout, (command, word)
+
+
+def test_bad_usage_exits_2_without_traceback(tmp_path):
+    res = subprocess.run([str(SCRIPT), "status", "--project-dir", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert_one_clear_line(res.stderr, "no dbt_project.yml")
+    res = subprocess.run([str(SCRIPT), "status", "--output", "xml"], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_the_chain_logic_does_not_import_the_cli():
+    code = (
+        "import sys, dbt_defer, dbt_defer.config, dbt_defer.manifests, dbt_defer.resolution, "
+        "dbt_defer.audit, dbt_defer.guard, dbt_defer.session, dbt_defer.remote; "
+        "assert 'dbt_defer.cli' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+def test_status_table_and_json(envs, capsys):
+    code, out, err = run_cli(capsys, envs, "status")
+    assert code == 0, err
+    for word in ("staging", "prod", "staging-artifacts", "DBT_DEFER_PROD_STATE", "generated_at", "age", "dbt version", "nodes", "stale"):
+        assert word in out
+    assert out.index("| staging") < out.index("| prod")
+
+    code, out, err = run_cli(capsys, envs, "status", "--output", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [e["name"] for e in doc["environments"]] == ["staging", "prod"]
+    prod_manifest = json.loads((envs.root / "prod-artifacts" / "manifest.json").read_text())
+    prod = doc["environments"][1]
+    assert prod["usable"] and prod["stale"] is False
+    assert prod["nodes"] == len(prod_manifest["nodes"])
+    assert prod["generated_at"] == prod_manifest["metadata"]["generated_at"]
+    assert prod["dbt_version"] == prod_manifest["metadata"]["dbt_version"]
+    assert prod["configured_by"] == "DBT_DEFER_PROD_STATE"
+    assert doc["usable"] is True
+
+
+def test_status_stale_is_reported_but_usable(envs, capsys):
+    code, out, _ = run_cli(capsys, envs, "status", "--vars", "{dbt_defer: {max_age_hours: 0.000001}}", "--output", "json")
+    assert code == 0
+    assert all(e["stale"] for e in json.loads(out)["environments"])
+    code, out, _ = run_cli(capsys, envs, "status", "--vars", "{dbt_defer: {max_age_hours: 0.000001}}")
+    assert code == 0 and "STALE" in out
+
+
+def test_status_unusable_environment_exits_1(envs, capsys):
+    env = dict(CHAIN, DBT_DEFER_PROD_STATE="no-such-folder")
+    code, out, err = run_cli(capsys, envs, "status", env=env)
+    assert code == 1
+    assert "UNUSABLE" in out
+    assert_one_clear_line(err, "'prod'", "no-such-folder")
+    code, out, _ = run_cli(capsys, envs, "status", "--output", "json", env=env)
+    doc = json.loads(out)
+    assert code == 1 and doc["usable"] is False
+    assert doc["environments"][0]["usable"] and not doc["environments"][1]["usable"]
+
+
+def test_status_nothing_configured_exits_1(envs, capsys):
+    code, _, err = run_cli(capsys, envs, "status", env={})
+    assert code == 1
+    assert_one_clear_line(err, "no environment is configured")
+
+
+def test_status_reads_project_vars_like_a_run(envs, capsys, tmp_path):
+    """vars: dbt_defer in dbt_project.yml (relative paths from the project root), env vars win."""
+    (tmp_path / "prod").symlink_to(envs.root / "prod-artifacts")
+    (tmp_path / "dbt_project.yml").write_text(
+        "name: dbt_defer_integration_tests\nversion: '1.0'\nconfig-version: 2\nprofile: x\n"
+        "vars:\n  dbt_defer:\n    environments:\n"
+        "      - {name: qa, state: " + str(envs.root / "staging-artifacts") + "}\n"
+        "      - {name: prod, state: prod}\n"
+        "    limits: {dev: 10}\n"
+    )
+    args = ["status", "--project-dir", str(tmp_path), "--target", "dev", "--output", "json"]
+    with _environment({}):
+        code = cli.main(args)
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [(e["name"], e["configured_by"]) for e in doc["environments"]] == [("qa", "vars"), ("prod", "vars")]
+    assert doc["environments"][1]["state"] == str(tmp_path / "prod")
+    assert doc["limit"] == 10
+    with _environment({"DBT_DEFER_PROD_STATE": "elsewhere"}):
+        code = cli.main(args)
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 1 and doc["environments"][1]["configured_by"] == "DBT_DEFER_PROD_STATE"
+
+
+def test_status_jinja_in_vars_is_named(tmp_path, capsys):
+    (tmp_path / "dbt_project.yml").write_text(
+        "name: p\nprofile: p\nvars:\n  dbt_defer:\n    environments:\n"
+        "      - {name: prod, state: \"{{ env_var('PROD_STATE') }}\"}\n"
+    )
+    with _environment({}):
+        code = cli.main(["status", "--project-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert_one_clear_line(err, "contains Jinja", "DBT_DEFER_PROD_STATE")
+
+
+# --- explain ---------------------------------------------------------------------------------
+
+
+def warehouse_snapshot(project) -> list:
+    """Every schema and relation of this project's environments (dev, staging, prod)."""
+    prefix = project.schema_prefix
+    if project.adapter == "postgres":
+        schemas = project.query(
+            f"select schema_name, '' , '' from information_schema.schemata where schema_name like '{prefix}%'"
+        )
+    else:
+        schemas = project.query("select schema_name, '', '' from information_schema.schemata")
+    tables = project.query(
+        "select table_schema, table_name, table_type from information_schema.tables "
+        f"where table_schema like '{prefix}%'"
+    )
+    return sorted(map(tuple, schemas)) + sorted(map(tuple, tables))
+
+
+def tree_snapshot(root: Path) -> dict:
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            if path.suffix in (".duckdb", ".wal") or name.endswith(".duckdb.wal"):
+                continue
+            st = path.lstat()
+            out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_explain_creates_alters_drops_nothing(envs, capsys):
+    envs.dbt("compile", "-s", "customers")  # a user's own target/ with a manifest in it
+    relations_before = warehouse_snapshot(envs)
+    files_before = tree_snapshot(envs.root)
+
+    code, out, err = run_cli(capsys, envs, "explain", "-s", "customers", "--target", "dev", "--output", "json")
+    assert code == 0, err
+    assert warehouse_snapshot(envs) == relations_before
+    assert tree_snapshot(envs.root) == files_before  # target/ (and everything else) untouched
+
+    doc = json.loads(out)
+    got = {(r["node"], r["ref"]): r for r in doc["resolutions"]}
+    customers, stg_customers = envs.uid("customers"), envs.uid("stg_customers")
+    r = got[(customers, stg_customers)]
+    assert (r["env"], r["reason"], r["limit"]) == ("staging", "deferred", None)
+    assert envs.schema("staging") in r["relation"]
+    assert got[(customers, envs.uid("int_order_totals"))]["env"] == "ephemeral"
+    tests = [r for (node, _), r in got.items() if node.startswith("test.")]
+    assert tests and all((r["env"], r["reason"]) == ("dev", "selected") for r in tests)
+    assert set(doc["summary"]) >= {"dev", "staging", "ephemeral", "limited"}
+    for record in doc["resolutions"]:
+        assert set(record) >= {"node", "ref", "env", "relation", "reason", "limit"}
+
+
+def test_explain_table_with_limits(envs, capsys):
+    code, out, err = run_cli(
+        capsys, envs, "explain", "-s", "customer_report", "--target", "dev",
+        "--vars", "{dbt_defer: {limits: {dev: 1000}, never_defer: ['tag:pii']}}",
+    )
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.startswith("| node"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["node", "ref", "env", "relation", "reason", "limit"]
+    row = next(line for line in out.splitlines() if "dim_customers.v1" in line)
+    assert "| prod" in row and "deferred" in row and "1000" in row
+    assert out.rstrip().splitlines()[-1].startswith("dbt-defer: ")
+    assert "limited to 1000 rows" in out
+
+
+def test_explain_unresolvable_ref_is_one_line(envs, capsys):
+    env = {"DBT_DEFER_STAGING_STATE": "staging-artifacts"}  # staging never built the marts
+    before = warehouse_snapshot(envs)
+    code, _, err = run_cli(capsys, envs, "explain", "-s", "customer_report", "--target", "dev", env=env)
+    assert code == 1
+    assert_one_clear_line(err, "customer_report", "exists nowhere")
+    assert warehouse_snapshot(envs) == before
+
+
+def test_explain_without_any_environment_exits_2(envs, capsys):
+    code, _, err = run_cli(capsys, envs, "explain", "-s", "customers", env={})
+    assert code == 2
+    assert_one_clear_line(err, "no environment is configured")
+
+
+# --- fetch -----------------------------------------------------------------------------------
+
+
+def test_fetch_over_http_cache_reuse_auto_fetch_and_unreachable(envs, capsys):
+    server = Server(envs.root)
+    try:
+        env = {"DBT_DEFER_STAGING_STATE": "staging-artifacts", "DBT_DEFER_PROD_STATE": f"{server.url}/prod-artifacts"}
+        cache = envs.target / "dbt_defer_state" / "prod"
+
+        code, out, err = run_cli(capsys, envs, "fetch", "--output", "json", env=env)
+        assert code == 0, err
+        rows = {r["name"]: r for r in json.loads(out)["environments"]}
+        assert rows["prod"]["action"] == "downloaded" and rows["prod"]["ok"] and rows["prod"]["run_results"]
+        assert rows["staging"]["action"].startswith("local") and rows["staging"]["ok"]
+        assert (cache / "manifest.json").read_bytes() == (envs.root / "prod-artifacts" / "manifest.json").read_bytes()
+        assert (cache / "run_results.json").exists()
+        assert server.gets("manifest.json") == 1
+
+        code, out, err = run_cli(capsys, envs, "fetch", env=env)
+        assert code == 0, err
+        assert "unchanged" in out and "prod-artifacts" in out
+        assert server.gets("manifest.json") == 1  # the cache was reused: nothing downloaded
+
+        # a deferred dbt run fetches on its own (reusing the cache) and reads prod from it
+        envs.dbt("compile", "-s", "customer_report", env=dict(env, DBT_DEFER="1"))
+        assert server.gets("manifest.json") == 1
+        audit = envs.audit()
+        prod = next(e for e in audit["environments"] if e["name"] == "prod")
+        assert prod["state"] == f"{server.url}/prod-artifacts"
+        assert envs.resolutions()[(envs.uid("customer_report"), envs.uid("dim_customers.v1"))]["env"] == "prod"
+
+        code, _, err = run_cli(capsys, envs, "status", env=env)
+        assert code == 0, err
+    finally:
+        server.stop()
+
+    # unreachable: the cached copy is used, with one warning that states its age
+    code, out, err = run_cli(capsys, envs, "fetch", env=env)
+    assert code == 0
+    assert "cached (unreachable)" in out
+    assert_one_clear_line(err, "cannot fetch", "using the cached copy", "ago")
+    result = envs.dbt("compile", "-s", "customer_report", env=dict(env, DBT_DEFER="1"))
+    assert any("using the cached copy" in m["msg"] for m in result.messages if m["level"] == "warn")
+
+    # unreachable and no cached copy: one clear line, exit 1
+    code, _, err = run_cli(capsys, envs, "fetch", "--target-path", str(envs.root / "other-target"), env=env)
+    assert code == 1
+    assert_one_clear_line(err, "'prod'", "cannot fetch", "no cached copy")
+    result = envs.dbt("compile", "-s", "customer_report", "--target-path", "other-target",
+                      env=dict(env, DBT_DEFER="1"), expect=False)
+    assert "no cached copy" in result.text()

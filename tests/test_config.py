@@ -1,0 +1,306 @@
+"""Unit tests for dbt_defer.config.load_config: every source and precedence of SPEC §3."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dbt_defer.config import DeferConfigError, load_config, truthy
+
+ROOT = "/projects/shop"
+
+
+def chain(cfg):
+    return [(e.name, e.state, e.source) for e in cfg.environments]
+
+
+def names(cfg):
+    return [e.name for e in cfg.environments]
+
+
+def vars_envs(*pairs):
+    return {"environments": [{"name": n, "state": s} for n, s in pairs]}
+
+
+# --- source 1: project vars ---------------------------------------------------------------
+
+
+def test_vars_chain_keeps_order_and_resolves_relative_paths_against_project_root():
+    cfg = load_config(vars_envs(("staging", "staging-artifacts"), ("prod", "prod-artifacts")), {}, ROOT)
+    assert chain(cfg) == [
+        ("staging", os.path.join(ROOT, "staging-artifacts"), "vars"),
+        ("prod", os.path.join(ROOT, "prod-artifacts"), "vars"),
+    ]
+    assert cfg.configured
+
+
+def test_vars_order_is_priority_even_when_prod_is_first():
+    cfg = load_config(vars_envs(("prod", "p"), ("qa", "q")), {}, ROOT)
+    assert names(cfg) == ["prod", "qa"]
+
+
+def test_absolute_paths_file_paths_and_uris_are_kept():
+    cfg = load_config(
+        vars_envs(("staging", "/abs/staging/manifest.json"), ("prod", "s3://bucket/prod")), {}, ROOT
+    )
+    assert chain(cfg) == [
+        ("staging", "/abs/staging/manifest.json", "vars"),
+        ("prod", "s3://bucket/prod", "vars"),
+    ]
+    assert cfg.environments[1].is_uri and not cfg.environments[0].is_uri
+
+
+def test_relative_path_is_normalised_against_project_root():
+    cfg = load_config(vars_envs(("prod", "../shared/./prod-artifacts")), {}, ROOT)
+    assert cfg.environments[0].state == "/projects/shared/prod-artifacts"
+
+
+def test_names_are_lower_cased():
+    cfg = load_config(vars_envs(("Staging", "s")), {}, ROOT)
+    assert names(cfg) == ["staging"]
+
+
+# --- source 2: DBT_DEFER_<NAME>_STATE -------------------------------------------------------
+
+
+def test_env_vars_alone_give_staging_then_prod():
+    environ = {"DBT_DEFER_PROD_STATE": "prod-artifacts", "DBT_DEFER_STAGING_STATE": "staging-artifacts"}
+    cfg = load_config(None, environ, ROOT)
+    assert chain(cfg) == [
+        ("staging", os.path.join(ROOT, "staging-artifacts"), "DBT_DEFER_STAGING_STATE"),
+        ("prod", os.path.join(ROOT, "prod-artifacts"), "DBT_DEFER_PROD_STATE"),
+    ]
+
+
+def test_env_var_overrides_the_state_of_a_listed_environment_and_keeps_its_position():
+    settings = vars_envs(("staging", "staging-artifacts"), ("prod", "prod-artifacts"))
+    cfg = load_config(settings, {"DBT_DEFER_STAGING_STATE": "/elsewhere/staging"}, ROOT)
+    assert chain(cfg) == [
+        ("staging", "/elsewhere/staging", "DBT_DEFER_STAGING_STATE"),
+        ("prod", os.path.join(ROOT, "prod-artifacts"), "vars"),
+    ]
+
+
+def test_env_var_for_an_unlisted_name_is_added_in_front_of_prod():
+    settings = vars_envs(("staging", "s"), ("prod", "p"))
+    cfg = load_config(settings, {"DBT_DEFER_QA_STATE": "qa-artifacts"}, ROOT)
+    assert names(cfg) == ["staging", "qa", "prod"]
+    assert cfg.environments[1].state == os.path.join(ROOT, "qa-artifacts")
+    assert cfg.environments[1].source == "DBT_DEFER_QA_STATE"
+
+
+def test_env_var_for_an_unlisted_name_goes_last_when_there_is_no_prod():
+    cfg = load_config(vars_envs(("staging", "s")), {"DBT_DEFER_QA_STATE": "q"}, ROOT)
+    assert names(cfg) == ["staging", "qa"]
+
+
+def test_env_var_prod_only():
+    cfg = load_config(None, {"DBT_DEFER_PROD_STATE": "p"}, ROOT)
+    assert chain(cfg) == [("prod", os.path.join(ROOT, "p"), "DBT_DEFER_PROD_STATE")]
+
+
+def test_unrelated_env_vars_are_not_environments():
+    environ = {
+        "DBT_DEFER": "1",
+        "DBT_DEFER_STATE": "x",  # dbt's own variable, not an environment named ''
+        "DBT_DEFER_DEV_RELATIONS": "always",
+        "DBT_STATE": "y",
+        "DBT_DEFER_PROD_STATE": "p",
+    }
+    cfg = load_config(None, environ, ROOT)
+    assert names(cfg) == ["prod"]
+
+
+# --- empty values are skipped ----------------------------------------------------------------
+
+
+def test_empty_env_var_skips_a_listed_environment():
+    settings = vars_envs(("staging", "s"), ("prod", "p"))
+    cfg = load_config(settings, {"DBT_DEFER_STAGING_STATE": ""}, ROOT)
+    assert names(cfg) == ["prod"]
+
+
+def test_whitespace_only_env_var_is_empty_too():
+    cfg = load_config(vars_envs(("staging", "s"), ("prod", "p")), {"DBT_DEFER_PROD_STATE": "  "}, ROOT)
+    assert names(cfg) == ["staging"]
+
+
+def test_empty_state_in_vars_is_skipped():
+    cfg = load_config({"environments": [{"name": "staging", "state": ""}, {"name": "prod", "state": "p"}]}, {}, ROOT)
+    assert names(cfg) == ["prod"]
+
+
+def test_empty_new_env_var_adds_nothing():
+    cfg = load_config(None, {"DBT_DEFER_STAGING_STATE": "", "DBT_DEFER_PROD_STATE": "p"}, ROOT)
+    assert names(cfg) == ["prod"]
+
+
+# --- source 3: dbt's --defer-state / --state --------------------------------------------------
+
+
+def test_defer_state_is_the_single_prod_environment_when_nothing_else_is_configured():
+    cfg = load_config(None, {}, ROOT, defer_state="defer-dir", state="state-dir")
+    assert chain(cfg) == [("prod", os.path.join(ROOT, "defer-dir"), "--defer-state/DBT_DEFER_STATE")]
+
+
+def test_state_is_the_fallback_without_defer_state():
+    cfg = load_config(None, {}, ROOT, state="/abs/state")
+    assert chain(cfg) == [("prod", "/abs/state", "--state/DBT_STATE")]
+
+
+def test_state_is_not_used_when_the_chain_is_configured():
+    cfg = load_config(None, {"DBT_DEFER_STAGING_STATE": "s"}, ROOT, defer_state="d", state="x")
+    assert names(cfg) == ["staging"]
+    assert cfg.environments[0].state == os.path.join(ROOT, "s")
+
+
+def test_state_is_used_when_every_configured_environment_is_empty():
+    cfg = load_config(vars_envs(("staging", ""),), {"DBT_DEFER_PROD_STATE": ""}, ROOT, state="st")
+    assert chain(cfg) == [("prod", os.path.join(ROOT, "st"), "--state/DBT_STATE")]
+
+
+def test_nothing_configured_anywhere():
+    cfg = load_config(None, {}, ROOT)
+    assert cfg.environments == () and not cfg.configured
+    assert (cfg.dev_relations, cfg.dev_relations_source) == ("always", "default")
+
+
+# --- dev_relations ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["always", "modified", "never", "MODIFIED", " never "])
+def test_dev_relations_from_vars(value):
+    cfg = load_config({"dev_relations": value}, {}, ROOT)
+    assert cfg.dev_relations == value.strip().lower()
+    assert "dev_relations" in cfg.dev_relations_source
+
+
+def test_dev_relations_env_var_overrides_vars():
+    cfg = load_config({"dev_relations": "always"}, {"DBT_DEFER_DEV_RELATIONS": "modified"}, ROOT)
+    assert (cfg.dev_relations, cfg.dev_relations_source) == ("modified", "DBT_DEFER_DEV_RELATIONS")
+
+
+def test_empty_dev_relations_env_var_leaves_the_var():
+    cfg = load_config({"dev_relations": "modified"}, {"DBT_DEFER_DEV_RELATIONS": ""}, ROOT)
+    assert cfg.dev_relations == "modified"
+
+
+def test_favor_state_means_never_and_wins_over_everything():
+    cfg = load_config(
+        {"dev_relations": "modified"}, {"DBT_DEFER_DEV_RELATIONS": "always"}, ROOT, favor_state=True
+    )
+    assert (cfg.dev_relations, cfg.dev_relations_source) == ("never", "--favor-state")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "True", "yes"])
+def test_truthy_reads_dbt_style_booleans(value):
+    assert truthy(value)
+
+
+@pytest.mark.parametrize("value", [None, "", "0", "false", "no"])
+def test_truthy_false_values(value):
+    assert not truthy(value)
+
+
+# --- bad values: DeferConfigError, one clear line ---------------------------------------------
+
+
+def _error(settings, environ=None, **kw):
+    with pytest.raises(DeferConfigError) as info:
+        load_config(settings, environ or {}, ROOT, **kw)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.startswith("dbt-defer:"), message
+    return message
+
+
+def test_bad_dev_relations_var():
+    msg = _error({"dev_relations": "sometimes"})
+    assert "sometimes" in msg and "dev_relations" in msg and "always, modified, never" in msg
+
+
+def test_bad_dev_relations_env_var_names_the_variable():
+    msg = _error(None, {"DBT_DEFER_DEV_RELATIONS": "bogus"})
+    assert "DBT_DEFER_DEV_RELATIONS" in msg and "bogus" in msg
+
+
+def test_settings_not_a_mapping():
+    assert "must be a mapping" in _error(["staging"])
+
+
+def test_unknown_key_is_named():
+    msg = _error({"enviroments": []})
+    assert "enviroments" in msg and "environments" in msg
+
+
+def test_environments_not_a_list():
+    assert "must be a list" in _error({"environments": {"name": "prod", "state": "p"}})
+
+
+def test_environment_item_without_name():
+    msg = _error({"environments": [{"state": "p"}]})
+    assert "item 0" in msg and "'name'" in msg
+
+
+def test_duplicate_environment():
+    msg = _error(vars_envs(("prod", "a"), ("prod", "b")))
+    assert "'prod'" in msg and "twice" in msg
+
+
+def test_dev_is_a_reserved_environment_name():
+    msg = _error(vars_envs(("dev", "d")))
+    assert "'dev'" in msg and "reserved" in msg
+
+
+def test_dev_is_reserved_through_env_vars_too():
+    msg = _error(None, {"DBT_DEFER_DEV_STATE": "d"})
+    assert "DBT_DEFER_DEV_STATE" in msg and "reserved" in msg
+
+
+def test_invalid_environment_name():
+    msg = _error(vars_envs(("my-env", "x")))
+    assert "my-env" in msg and "not valid" in msg
+
+
+def test_state_must_be_a_string():
+    msg = _error({"environments": [{"name": "prod", "state": 3}]})
+    assert "'prod'" in msg and "3" in msg
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        ({"limits": [1000]}, "limits"),
+        ({"limits": {"dev": -1}}, "'dev'"),
+        ({"limits": {"dev": "many"}}, "'many'"),
+        ({"limits": {"dev": True}}, "True"),
+        ({"limit_tests": "maybe"}, "limit_tests"),
+        ({"audit_table": 2}, "audit_table"),
+        ({"never_defer": [""]}, "never_defer"),
+        ({"never_defer": 5}, "never_defer"),
+        ({"max_age_hours": 0}, "max_age_hours"),
+        ({"max_age_hours": "soon"}, "max_age_hours"),
+    ],
+)
+def test_other_bad_values(settings, needle):
+    assert needle in _error(settings)
+
+
+def test_good_other_values():
+    cfg = load_config(
+        {
+            "limits": {"dev": 1000, "ci": None},
+            "limit_tests": "true",
+            "never_defer": "tag:pii",
+            "max_age_hours": 1.5,
+            "audit_table": True,
+        },
+        {},
+        ROOT,
+    )
+    assert cfg.limit_for_target("dev") == (True, 1000)
+    assert cfg.limit_for_target("ci") == (True, None)
+    assert cfg.limit_for_target("prod") == (False, None)
+    assert cfg.limit_tests is True and cfg.audit_table is True
+    assert cfg.never_defer == ("tag:pii",) and cfg.max_age_hours == 1.5

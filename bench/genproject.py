@@ -2,7 +2,8 @@
 
 Layout: N models spread over LAYERS layers. Model i of layer k>0 selects from
 models i and i+1 (mod width) of layer k-1 via ref(); layer 0 selects constants.
-Layer 0 is materialized as tables, every other layer as views.
+Layers in TABLE_LAYERS are materialized as tables, every other layer as views
+(an intermediate table layer keeps DuckDB's nested-view binding cheap).
 
 Models that are ancestors of the first half of layer LAYERS-2 carry the tag
 `in_staging`, so `--select tag:in_staging` builds a self-contained half of the
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LAYERS = 10
+TABLE_LAYERS = (0, 5)
 SHIM = "{% macro ref() %}{{ return(dbt_defer.ref(*varargs, **kwargs)) }}{% endmacro %}\n"
 
 
@@ -34,8 +36,11 @@ class Project:
     def leaf(self) -> str:
         return self.model(self.top, 0)
 
-    def layer_models(self, layer: int) -> list[str]:
-        return [self.model(layer, i) for i in range(self.width)]
+    def selection(self, size: int) -> list[str]:
+        """`size` top-layer models spread evenly over the layer, so that their parents
+        are partly in staging (first half of the layer below) and partly prod-only."""
+        size = min(size, self.width)
+        return [self.model(self.top, j * self.width // size) for j in range(size)]
 
 
 def staging_members(width: int) -> set[tuple[int, int]]:
@@ -74,7 +79,7 @@ def write_project(root: Path, n_models: int, package_path: Path, db_path: Path,
 
     layer_cfg = "\n".join(
         f"    layer{k}:\n      +tags: ['layer{k}']"
-        + ("\n      +materialized: table" if k == 0 else "")
+        + ("\n      +materialized: table" if k in TABLE_LAYERS else "")
         for k in range(LAYERS)
     )
     (root / "dbt_project.yml").write_text(

@@ -303,6 +303,7 @@ def test_audit_table_failure_warns_and_run_succeeds(envs):
         assert len(warnings) == 1
         assert warnings[0].startswith("dbt-defer: could not append the audit to ")
         assert "dbt_defer_audit" in warnings[0] and "the run is not affected" in warnings[0]
+        assert "invocation_id" in warnings[0], "the warning gives the database's reason"
         assert result.node_results()[uid("model_a")].status == "success"
         # the artifact is still written, and the summary still ends the run
         assert envs.audit()["metadata"]["invocation_id"] == invocation_id_of_last_run(envs)

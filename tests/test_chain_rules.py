@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -327,6 +328,9 @@ def test_new_model_error_names_child_parent_places_and_fix(fresh):
     statuses = {uid: str(r.status) for uid, r in res.node_results().items()}
     assert statuses == {p.uid("new_child"): "error"}
 
+    # compile builds nothing, so selecting the parent there renders it in dev (as dbt would)
+    dbt(p, "compile", "-s", "new_parent", "new_child")
+    assert_resolved(p, "new_child", "new_parent", "dev", "selected")
     # the fix the message suggests works
     dbt(p, "run", "-s", "+new_child")
     assert_resolved(p, "new_child", "new_parent", "dev", "selected")
@@ -345,13 +349,20 @@ def test_slim_ci_builds_modified_plus_and_defers_the_rest(fresh):
             "coalesce(t.total_amount, 0) as total_amount, 'ci' as built_by",
         ),
     )
+    listed = p.dbt(
+        "ls", "-s", "state:modified+", "--state", "prod-artifacts", "--output", "json",
+        "--output-keys", "unique_id", env={},
+    ).raw
+    expected = {json.loads(line)["unique_id"] for line in listed}
+    assert {p.uid("customers"), p.uid("customer_report")} <= expected
+    assert p.uid("stg_customers") not in expected and p.uid("dim_customers.v1") not in expected
+
     res = dbt(p, "build", "-s", "state:modified+", "--state", "prod-artifacts", "--target", "ci")
-    ran = {uid for uid in res.node_results()}
-    models = {uid for uid in ran if uid.startswith("model.")}
-    assert models == {p.uid("customers"), p.uid("customer_report")}
-    assert p.uid("assert_totals_not_negative", "test") in ran
-    assert p.list_relations("dev") == ["customer_report", "customers"]
+    assert set(res.node_results()) == expected
     assert all(str(r.status) in ("success", "pass") for r in res.node_results().values())
+    assert p.uid("assert_totals_not_negative", "test") in expected
+    built = sorted(uid.split(".")[-1] for uid in expected if uid.startswith(("model.", "snapshot.", "seed.")))
+    assert p.list_relations("dev") == built  # only modified+ was built in dev
 
     audit = p.audit()
     assert [e["name"] for e in audit["environments"]] == ["staging", "prod"]
@@ -412,7 +423,16 @@ def test_compile(clean_dev):
     assert_resolved(p, "customers", "stg_customers", "staging", "deferred")
     assert_resolved(p, "model_a", "stg_customers", "staging", "deferred")
     assert rel(p, "staging", "stg_customers") in p.compiled("models/docs_example/model_a.sql")
+    # compile builds nothing: a selected model that is not in dev is read from the chain
+    unique = data_test_uid(p, "unique_customers_customer_id")
+    r = p.resolutions()[(unique, p.uid("customers"))]
+    assert (r["env"], r["reason"], r["relation"]) == ("prod", "deferred", rel(p, "prod", "customers"))
     assert p.list_relations("dev") == []
+    # ... and from dev once it is there
+    dbt(p, "run", "-s", "customers")
+    dbt(p, "compile", "-s", "customers", "--favor-state")
+    r = p.resolutions()[(unique, p.uid("customers"))]
+    assert (r["env"], r["reason"], r["relation"]) == ("dev", "selected", rel(p, "dev", "customers"))
 
 
 def test_seed_then_chain_prefers_the_dev_seed(clean_dev):
@@ -430,7 +450,8 @@ def test_snapshot(clean_dev):
     p = clean_dev
     dbt(p, "snapshot")
     assert_resolved(p, "customers_snapshot", "stg_customers", "staging", "deferred", node_kind="snapshot")
-    assert rel(p, "staging", "stg_customers") in p.compiled("snapshots/customers_snapshot.sql")
+    run_sql = p.target / "run" / PROJECT / "snapshots" / "customers_snapshot.sql"
+    assert rel(p, "staging", "stg_customers") in run_sql.read_text()
     assert count(p, "dev", "customers_snapshot") == count(p, "staging", "stg_customers")
 
 
@@ -438,10 +459,14 @@ def test_show(clean_dev):
     p = clean_dev
     res = dbt(p, "show", "-s", "customers")
     assert_resolved(p, "customers", "stg_customers", "staging", "deferred")
-    table = res.raw.results[0].agate_table
-    assert sorted(row["first_name"] for row in table.rows) == sorted(
+    preview = next(r for uid, r in res.node_results().items() if uid == p.uid("customers"))
+    assert sorted(row["first_name"] for row in preview.agate_table.rows) == sorted(
         r[0] for r in p.query(f'select first_name from "{p.schema("staging")}"."stg_customers"')
     )
+    # show builds nothing: its selected tests read customers from where it exists (prod), not dev
+    unique = data_test_uid(p, "unique_customers_customer_id")
+    r = p.resolutions()[(unique, p.uid("customers"))]
+    assert (r["env"], r["reason"], r["relation"]) == ("prod", "deferred", rel(p, "prod", "customers"))
     assert p.list_relations("dev") == []
 
 
@@ -460,7 +485,7 @@ WRAPPER = textwrap.dedent(
     import importlib, json, os, pkgutil, sys
 
     mode, argv = sys.argv[1], sys.argv[2:]
-    if mode == "without":
+    if mode == "without":  # the plugin is not discoverable
         plugin_dir = os.path.realpath(os.path.join(REPO, "plugin"))
         sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != plugin_dir]
         from dbt.plugins.manager import PluginManager
@@ -502,31 +527,74 @@ def _subprocess_dbt(p, wrapper: Path, mode: str, *args: str):
     return info
 
 
+def _release_duckdb(p) -> None:
+    """dbt-duckdb keeps its database open in-process; a subprocess needs the file lock."""
+    if p.adapter != "duckdb":
+        return
+    import gc
+
+    from dbt.adapters.duckdb.connections import DuckDBConnectionManager
+
+    DuckDBConnectionManager.close_all_connections()
+    gc.collect()
+
+
 def _compiled_files(folder: Path) -> dict:
     return {str(f.relative_to(folder)): f.read_text() for f in sorted(folder.rglob("*.sql"))}
 
 
+def _exit_code(result) -> int:
+    """dbt's CLI exit codes: 0 success, 1 failure, 2 exception."""
+    return 0 if result.success else (2 if result.exception is not None else 1)
+
+
 def test_deferral_off_is_inert(clean_dev, tmp_path):
+    """Deferral off: same compiled SQL, exit codes and run results as with the plugin not discoverable."""
+    from dbt.task.runnable import GraphRunnableTask
+
+    from dbt_defer import patches
+
     p = clean_dev
     wrapper = tmp_path / "run_wrapped.py"  # not dbt_*: dbt would import it as a plugin
     wrapper.write_text(WRAPPER)
-    outputs = {}
-    for mode in ("with", "without"):
-        target = f"target_inert_{mode}"
-        compile_info = _subprocess_dbt(p, wrapper, mode, "compile", "--target-path", target)
-        assert compile_info["code"] == 0, compile_info["output"]
-        assert compile_info["loaded"] == (mode == "with"), compile_info
-        # a failing run too: dev has no raw_customers, so stg_customers errors without deferral
-        run_info = _subprocess_dbt(p, wrapper, mode, "run", "-s", "stg_customers", "--target-path", target)
-        compiled = _compiled_files(p.root / target / "compiled")
-        assert not (p.root / target / "dbt_defer_audit.json").exists()
-        outputs[mode] = (compile_info["code"], run_info["code"], compiled)
-    with_plugin, without_plugin = outputs["with"], outputs["without"]
-    assert with_plugin[:2] == without_plugin[:2] == (0, 1)
-    assert len(with_plugin[2]) > 10
-    assert with_plugin[2] == without_plugin[2]
+    assert GraphRunnableTask.run is patches._run  # in this process the plugin is installed and active
+
+    def snapshot_outputs(compile_code, run_code):
+        results = json.loads((p.target / "run_results.json").read_text())["results"]
+        assert not (p.target / "dbt_defer_audit.json").exists()
+        return (
+            compile_code,
+            run_code,
+            sorted((r["unique_id"], r["status"]) for r in results),
+            compiled,
+        )
+
+    def reset_target():
+        shutil.rmtree(p.target / "compiled", ignore_errors=True)
+        (p.target / "dbt_defer_audit.json").unlink(missing_ok=True)
+
+    # with the plugin (in-process, deferral off)
+    reset_target()
+    compile_code = _exit_code(p.dbt("compile", env={}, expect=None))
+    compiled = _compiled_files(p.target / "compiled")
+    # a failing run too: dev has no raw_customers, so stg_customers errors without deferral
+    run_code = _exit_code(p.dbt("run", "-s", "stg_customers", env={}, expect=None))
+    with_plugin = snapshot_outputs(compile_code, run_code)
+
+    # without the plugin (subprocess where dbt cannot discover dbt_defer)
+    _release_duckdb(p)
+    reset_target()
+    compile_info = _subprocess_dbt(p, wrapper, "without", "compile")
+    assert compile_info["loaded"] is False, compile_info
+    compiled = _compiled_files(p.target / "compiled")
+    run_info = _subprocess_dbt(p, wrapper, "without", "run", "-s", "stg_customers")
+    without_plugin = snapshot_outputs(compile_info["code"], run_info["code"])
+
+    assert with_plugin[:3] == without_plugin[:3] == (0, 1, [(p.uid("stg_customers"), "error")])
+    assert len(with_plugin[3]) > 10
+    assert with_plugin[3] == without_plugin[3]
     # no deferral: refs compile to the dev target
-    assert rel(p, "dev", "stg_customers") in with_plugin[2][f"{PROJECT}/models/marts/customers.sql"]
+    assert rel(p, "dev", "stg_customers") in with_plugin[3][f"{PROJECT}/models/marts/customers.sql"]
     assert p.list_relations("dev") == []
 
 

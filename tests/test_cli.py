@@ -223,6 +223,24 @@ def test_explain_creates_alters_drops_nothing(envs, capsys):
         assert set(record) >= {"node", "ref", "env", "relation", "reason", "limit"}
 
 
+def test_explain_as_compile_matches_dbt_compile(envs, capsys):
+    code, out, err = run_cli(capsys, envs, "explain", "-s", "customers", "--target", "dev", "--as", "compile", "--output", "json")
+    assert code == 0, err
+    explained = {(r["node"], r["ref"]): (r["env"], r["reason"]) for r in json.loads(out)["resolutions"]}
+    envs.dbt("compile", "-s", "customers", "--target", "dev", env=dict(CHAIN, DBT_DEFER="1"))
+    compiled = {key: (r["env"], r["reason"]) for key, r in envs.resolutions().items()}
+    assert explained == compiled
+
+
+def test_explain_reports_the_write_guard_like_a_build(envs, capsys):
+    """A dev target pointed at the prod schema: the build would be refused, so is the explain."""
+    before = warehouse_snapshot(envs)
+    code, _, err = run_cli(capsys, envs, "explain", "-s", "customers", "--target", "prod")
+    assert code == 1
+    assert_one_clear_line(err, "refusing to write", "customers")
+    assert warehouse_snapshot(envs) == before
+
+
 def test_explain_table_with_limits(envs, capsys):
     code, out, err = run_cli(
         capsys, envs, "explain", "-s", "customer_report", "--target", "dev",

@@ -383,6 +383,24 @@ def _seed_scratch(ctx: ProjectContext, scratch: str) -> None:
         shutil.copytree(cache, os.path.join(scratch, remote.CACHE_DIR))
 
 
+@contextlib.contextmanager
+def _resolve_as(command: str) -> Iterator[None]:
+    """Resolve the compile's refs as ``dbt build`` would: selected nodes are the ones being
+    built in the target (read from dev whether or not they exist there yet), and the write
+    guard is checked. ``compile``: as dbt compile/show/docs resolve them."""
+    from dbt_defer import guard
+
+    original = getattr(guard, "task_writes", None)
+    if command != "build" or original is None:
+        yield
+        return
+    guard.task_writes = lambda task: True  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        guard.task_writes = original  # type: ignore[assignment]
+
+
 def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Dict[str, Any]:
     """Compile the selection with deferral on into a scratch target path; return the audit."""
     from dbt.cli.main import dbtRunner
@@ -431,7 +449,7 @@ def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Dict[str, Any]
             argv += ["--favor-state"]
         if args.threads:
             argv += ["--threads", str(args.threads)]
-        with _env({"DBT_DEFER": "1"}):
+        with _env({"DBT_DEFER": "1"}), _resolve_as(args.as_command):
             result = dbtRunner(callbacks=[collect]).invoke(argv)
 
         warnings = [m for (_, level, m) in events if level == "warn" and m.startswith("dbt-defer:")]
@@ -593,9 +611,12 @@ _EXPLAIN_EPILOG = """\
 Shows, for every ref() in the selected nodes, where a deferred run would read it from:
 node, ref, env (dev, an environment name, or ephemeral), relation, reason (selected,
 dev_exists, dev_modified, restricted, deferred, ephemeral, ...) and the row limit.
-Computed by dbt itself (dbt compile with DBT_DEFER=1) into a scratch target path: your
-target/ is left untouched, and nothing is created, altered or dropped in any environment
-(only metadata queries: which relations exist).
+By default the answer is the one `dbt build` with the same selection would get (the
+selected nodes are read from your target, where the build puts them; the write guard is
+checked); --as compile gives dbt compile's answer instead. Computed by dbt itself (dbt
+compile with DBT_DEFER=1) into a scratch target path: your target/ is left untouched, and
+nothing is created, altered or dropped in any environment (only metadata queries: which
+relations exist).
 
 examples:
   dbt-defer explain -s customers
@@ -663,6 +684,12 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("-s", "--select", nargs="+", action="extend", metavar="SELECTOR", help="dbt selectors of the nodes to explain (default: every node, as dbt compile)")
     sel.add_argument("--exclude", nargs="+", action="extend", metavar="SELECTOR", help="dbt selectors to leave out")
     sel.add_argument("--selector", metavar="NAME", help="a named selector from selectors.yml")
+    sel.add_argument(
+        "--as", dest="as_command", choices=("build", "compile"), default="build",
+        help="resolve as `dbt build -s ...` would (default: selected nodes read from the target, "
+        "write guard checked) or as `dbt compile`/`show` would (a selected node missing from the "
+        "target is read through the chain)",
+    )
     sel.add_argument("--favor-state", action="store_true", help="dev_relations: never for this explain (as dbt's --favor-state)")
     sel.add_argument("--threads", type=int, metavar="N", help="dbt threads for the compile")
     _common(explain)

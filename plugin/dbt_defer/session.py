@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
@@ -26,6 +27,8 @@ from dbt_defer.resolution import (
     EPHEMERAL,
     Candidate,
     Location,
+    SELECTED,
+    Resolution,
     RestrictedMissing,
     Unresolved,
     render,
@@ -177,6 +180,7 @@ class DeferSession:
         self._selected_src: Any = None
         self._selected: FrozenSet[str] = frozenset()
         self._modified_cache: Dict[Tuple[str, str], bool] = {}
+        self._writes = True  # does this command build its selected nodes? (set in merge)
         self.merged = False
 
     # --- set-up ------------------------------------------------------------------------
@@ -213,7 +217,8 @@ class DeferSession:
         self.checker = ExistenceChecker(get_adapter(task.config))
         self.restricted = self._restricted(task)
         guard.warn_if_shim_missing(manifest, task.config.project_name, log)
-        if guard.task_writes(task):
+        self._writes = guard.task_writes(task)
+        if self._writes:
             try:
                 guard.check_writes(self._selected_now(), manifest, self.environments)
             except guard.GuardError as exc:
@@ -278,17 +283,26 @@ class DeferSession:
 
         dev_location: Location = (target.database, target.schema, target.alias or target.name)
         uid = target.unique_id
+        selected = uid in self._selected_now()
+        # compile/show/docs build nothing: a selected node that is not in dev yet is read from
+        # where it exists (like dbt's --defer), else from dev as dbt would render it
+        from_chain = selected and not self._writes and not self.checker.exists(dev_location)
         try:
-            result = resolve(
-                ephemeral=False,
-                selected=uid in self._selected_now(),
-                restricted=uid in self.restricted,
-                dev_location=dev_location,
-                policy=self.cfg.dev_relations,
-                candidates=[env.candidate(uid) for env in self.environments],
-                exists=self.checker.exists,
-                modified_against=lambda env: self._modified(target, env),
-            )
+            try:
+                result = resolve(
+                    ephemeral=False,
+                    selected=selected and not from_chain,
+                    restricted=uid in self.restricted,
+                    dev_location=dev_location,
+                    policy=self.cfg.dev_relations,
+                    candidates=[env.candidate(uid) for env in self.environments],
+                    exists=self.checker.exists,
+                    modified_against=lambda env: self._modified(target, env),
+                )
+            except (RestrictedMissing, Unresolved):
+                if not from_chain:
+                    raise
+                result = Resolution(DEV, SELECTED, dev_location)
         except RestrictedMissing as exc:
             raise CompilationError(
                 f"dbt-defer: {node.unique_id} refs {uid}, which is restricted (never_defer / "
@@ -437,13 +451,18 @@ class DeferSession:
                     raise
             log(f"dbt-defer: appended {len(rows)} audit records to {where}", EventLevel.DEBUG)
         except Exception as exc:
-            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            # dbt's errors start with a header line ("Database Error", "Runtime Error in macro ...")
+            cause = [line for line in lines if not _ERROR_HEADER.match(line)] or lines or [type(exc).__name__]
             log(
-                f"dbt-defer: could not append the audit to {where} ({first}); the run is not affected "
+                f"dbt-defer: could not append the audit to {where} ({cause[0]}); the run is not affected "
                 "and target/dbt_defer_audit.json holds the records. Fix or drop that relation, "
                 "or set vars: dbt_defer: audit_table: false",
                 EventLevel.WARN,
             )
+
+
+_ERROR_HEADER = re.compile(r"^(Database|Runtime|Compilation|Internal|Dbt\w*) ?Error( in .*)?:?$")
 
 
 def _target_path(config: Any) -> str:

@@ -77,6 +77,71 @@ def invocation_id_of_last_run(project) -> str:
     return json.loads((project.target / "run_results.json").read_text())["metadata"]["invocation_id"]
 
 
+# --- units (no dbt) ------------------------------------------------------------------------------
+
+
+def record(node, ref, env="prod", limit=None, is_test=False):
+    return audit.Record(node, ref, env, f'"db"."{env}"."{ref}"', "deferred", limit, is_test)
+
+
+def test_summary_line_of_the_spec():
+    records = (
+        [record(f"model.p.d{i}", "model.p.x", "dev") for i in range(3)]
+        + [record(f"model.p.s{i}", "model.p.x", "staging") for i in range(2)]
+        + [record(f"model.p.p{i}", "model.p.x", "prod", limit=1000) for i in range(9)]
+    )
+    summary = audit.summarize(records, ["staging", "prod"])
+    assert summary == {"dev": 3, "staging": 2, "prod": 9, "limited": 9}
+    assert audit.summary_line(summary, [r.limit for r in records]) == (
+        "dbt-defer: 14 refs resolved: dev 3, staging 2, prod 9; 9 limited to 1000 rows"
+    )
+    assert audit.summary_line(audit.summarize([], ["prod"]), []) == "dbt-defer: 0 refs resolved"
+
+
+def test_recorder_keeps_one_record_per_pair_across_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    recorder = audit.Recorder()
+    pairs = [(f"model.p.n{i % 40}", f"model.p.r{i % 7}") for i in range(2000)]
+
+    def add(pair):
+        return recorder.add(record(*pair))
+
+    with ThreadPoolExecutor(8) as pool:
+        new = list(pool.map(add, pairs))
+    assert sum(new) == len(set(pairs)) == len(recorder)
+    keys = [(r.node, r.ref) for r in recorder.records()]
+    assert keys == sorted(set(pairs))
+
+
+def test_document_and_table_rows():
+    records = [
+        record("test.p.t", "model.p.a", "dev", is_test=True),
+        record("test.p.t", "model.p.b", "prod", is_test=True),
+        record("model.p.m", "model.p.b", "prod", limit=5),
+    ]
+    recorder = audit.Recorder()
+    for r in records:
+        recorder.add(r)
+    doc = audit.build_document(
+        recorder.records(),
+        metadata={"invocation_id": "i-1", "generated_at": "2026-01-02T03:04:05.123456Z", "target": "dev",
+                  "command": "build"},
+        environments=[{"name": "prod", "state": "/s", "generated_at": None, "nodes": 3}],
+    )
+    assert [(r["node"], r["ref"], r["cross_environment"]) for r in doc["resolutions"]] == [
+        ("model.p.m", "model.p.b", False), ("test.p.t", "model.p.a", True), ("test.p.t", "model.p.b", True),
+    ]
+    assert doc["summary"] == {"dev": 1, "prod": 2, "limited": 1}
+    rows = audit.table_rows(doc)
+    assert rows[0] == {
+        "invocation_id": "i-1", "generated_at": "2026-01-02 03:04:05.123456", "target_name": "dev",
+        "command": "build", "node": "model.p.m", "ref": "model.p.b", "env": "prod",
+        "relation": '"db"."prod"."model.p.b"', "reason": "deferred", "row_limit": 5, "cross_environment": False,
+    }
+    assert [len(b) for b in audit.batches(list(range(1201)))] == [500, 500, 201]
+
+
 # --- the artifact ------------------------------------------------------------------------------
 
 
@@ -295,6 +360,7 @@ def test_no_audit_table_by_default(envs):
 
 def test_audit_table_failure_warns_and_run_succeeds(envs):
     """An incompatible relation already named dbt_defer_audit: the insert fails, dbt does not."""
+    execute(envs, f"create schema if not exists {envs.schema('dev')}")
     execute(envs, f"drop table if exists {envs.schema('dev')}.dbt_defer_audit")
     execute(envs, f"create table {envs.schema('dev')}.dbt_defer_audit (something_else integer)")
     try:

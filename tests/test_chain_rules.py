@@ -641,6 +641,25 @@ def test_defer_state_wins_over_state_and_vars_chain_is_read(clean_dev):
     assert_resolved(p, "customers", "stg_customers", "prod", "deferred")
 
 
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("0", False), ("false", False)])
+def test_dbt_defer_values_follow_dbt(clean_dev, value, on):
+    p = clean_dev
+    dbt(p, "compile", "-s", "customers", env={**CHAIN, "DBT_DEFER": value})
+    audit = p.target / "dbt_defer_audit.json"
+    assert audit.exists() == on
+    env = "staging" if on else "dev"
+    assert rel(p, env, "stg_customers") in p.compiled("models/marts/customers.sql")
+
+
+def test_state_may_be_the_manifest_file_itself(clean_dev):
+    p = clean_dev
+    env = {**CHAIN, "DBT_DEFER_STAGING_STATE": "staging-artifacts/manifest.json"}
+    dbt(p, "compile", "-s", "customers", "customer_report", env=env)
+    assert p.audit()["environments"][0]["state"] == str(p.root / "staging-artifacts" / "manifest.json")
+    assert_resolved(p, "customers", "stg_customers", "staging", "deferred")
+    assert_resolved(p, "customer_report", "customers", "prod", "deferred")
+
+
 # --- cost ---------------------------------------------------------------------------------------
 
 

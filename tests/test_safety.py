@@ -258,7 +258,7 @@ def test_never_defer_selector_matching_nothing_warns(envs):
     "settings, expected",
     [
         ("{max_age_hours: -1}", "max_age_hours (dbt_project.yml or --vars) is -1; use a positive number"),
-        ("{limitz: {dev: 5}}", "unknown key(s) limitz in vars: dbt_defer"),
+        ("{limitz: {dev: 5}}", "unknown key(s) 'limitz' in vars: dbt_defer"),
         ("{environments: [{name: dev, state: x}]}", "'dev' in vars: dbt_defer: environments"),
     ],
 )

@@ -237,7 +237,7 @@ def load_config(
     unknown = sorted(set(map(str, settings)) - _KNOWN_KEYS)
     if unknown:
         raise DeferConfigError(
-            f"dbt-defer: unknown key(s) {', '.join(unknown)} in vars: dbt_defer; "
+            f"dbt-defer: unknown key(s) {', '.join(map(repr, unknown))} in vars: dbt_defer; "
             f"known keys are {', '.join(sorted(_KNOWN_KEYS))}"
         )
 

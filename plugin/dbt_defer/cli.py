@@ -383,24 +383,6 @@ def _seed_scratch(ctx: ProjectContext, scratch: str) -> None:
         shutil.copytree(cache, os.path.join(scratch, remote.CACHE_DIR))
 
 
-@contextlib.contextmanager
-def _resolve_as(command: str) -> Iterator[None]:
-    """Resolve the compile's refs as ``dbt build`` would: selected nodes are the ones being
-    built in the target (read from dev whether or not they exist there yet), and the write
-    guard is checked. ``compile``: as dbt compile/show/docs resolve them."""
-    from dbt_defer import guard
-
-    original = getattr(guard, "task_writes", None)
-    if command != "build" or original is None:
-        yield
-        return
-    guard.task_writes = lambda task: True  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        guard.task_writes = original  # type: ignore[assignment]
-
-
 def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Dict[str, Any]:
     """Compile the selection with deferral on into a scratch target path; return the audit."""
     from dbt.cli.main import dbtRunner
@@ -449,7 +431,7 @@ def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Dict[str, Any]
             argv += ["--favor-state"]
         if args.threads:
             argv += ["--threads", str(args.threads)]
-        with _env({"DBT_DEFER": "1"}), _resolve_as(args.as_command):
+        with _env({"DBT_DEFER": "1", "DBT_DEFER_COMPILE_AS": args.as_command}):
             result = dbtRunner(callbacks=[collect]).invoke(argv)
 
         warnings = [m for (_, level, m) in events if level == "warn" and m.startswith("dbt-defer:")]

@@ -59,6 +59,9 @@ class DeferConfig:
     never_defer: Tuple[str, ...] = ()
     max_age_hours: float = DEFAULT_MAX_AGE_HOURS
     audit_table: bool = False
+    # how compile/show/docs treat selected nodes: "compile" (from dev if built there, else the
+    # chain, like dbt's --defer) or "build" (always dev, as the build would; write guard on)
+    compile_as: str = "compile"
 
     @property
     def configured(self) -> bool:
@@ -217,6 +220,18 @@ def _max_age(raw: Any) -> float:
         return float("inf")
 
 
+COMPILE_AS = ("compile", "build")
+
+
+def _compile_as(environ: Mapping[str, str]) -> str:
+    value = (environ.get("DBT_DEFER_COMPILE_AS") or "compile").strip().lower()
+    if value not in COMPILE_AS:
+        raise DeferConfigError(
+            f"dbt-defer: DBT_DEFER_COMPILE_AS is {value!r}; use 'compile' (default) or 'build'"
+        )
+    return value
+
+
 def load_config(
     settings: Optional[Mapping[str, Any]],
     environ: Mapping[str, str],
@@ -276,4 +291,5 @@ def load_config(
         never_defer=_never_defer(settings.get("never_defer")),
         max_age_hours=_max_age(settings.get("max_age_hours")),
         audit_table=_bool(settings, "audit_table"),
+        compile_as=_compile_as(environ),
     )

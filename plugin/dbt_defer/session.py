@@ -217,7 +217,9 @@ class DeferSession:
         self.checker = ExistenceChecker(get_adapter(task.config))
         self.restricted = self._restricted(task)
         guard.warn_if_shim_missing(manifest, task.config.project_name, log)
-        self._writes = guard.task_writes(task)
+        # commands that build their selection; DBT_DEFER_COMPILE_AS=build makes compile/show
+        # resolve (and guard) exactly as the build of the same selection would
+        self._writes = guard.task_writes(task) or self.cfg.compile_as == "build"
         if self._writes:
             try:
                 guard.check_writes(self._selected_now(), manifest, self.environments)

@@ -13,6 +13,9 @@ with metadata queries counted. Used as a subprocess by run.py:
                can verify which side it measured.
 --count FILE   counts adapter.list_relations_without_caching calls per
                (database, schema) and catalog SQL statements, written as JSON at exit.
+--timers FILE  times deferral set-up in situ, written as JSON at exit: dbt's
+               PreviousState.__init__ + GraphRunnableTask.defer_to_manifest, and (plugin
+               visible) dbt_defer's DeferSession.start + DeferSession.merge.
 """
 from __future__ import annotations
 
@@ -25,22 +28,28 @@ PLUGIN = "dbt_defer"
 
 
 class _Blocker(importlib.abc.MetaPathFinder):
+    def __init__(self, blocked: str) -> None:
+        self.blocked, self.prefix = blocked, blocked + "."
+
     def find_spec(self, name, path=None, target=None):
-        if name == PLUGIN or name.startswith(PLUGIN + "."):
+        if name == self.blocked or name.startswith(self.prefix):
             raise ModuleNotFoundError(f"No module named {name!r} (hidden by bench)", name=name)
         return None
 
 
-def hide_plugin() -> None:
-    if PLUGIN in sys.modules:
-        sys.exit(f"bench: {PLUGIN} was imported at interpreter start-up; cannot hide it")
-    sys.meta_path.insert(0, _Blocker())
+def install_filters(blocked: str) -> None:
+    """Block imports of `blocked` and drop it from pkgutil.iter_modules(). Installed in
+    both modes (with a name that matches nothing when the plugin stays visible), so
+    both sides of a comparison pay the same import-hook cost."""
+    if blocked in sys.modules:
+        sys.exit(f"bench: {blocked} was imported at interpreter start-up; cannot hide it")
+    sys.meta_path.insert(0, _Blocker(blocked))
     import pkgutil
 
     original = pkgutil.iter_modules
 
     def iter_modules(path=None, prefix=""):
-        return (m for m in original(path, prefix) if m.name != prefix + PLUGIN)
+        return (m for m in original(path, prefix) if m.name != prefix + blocked)
 
     pkgutil.iter_modules = iter_modules
 
@@ -85,15 +94,61 @@ def count_metadata(out: str) -> None:
     atexit.register(write)
 
 
+SETUP_FUNCTIONS = [
+    ("dbt.contracts.state", "PreviousState", "__init__"),
+    ("dbt.task.runnable", "GraphRunnableTask", "defer_to_manifest"),
+    ("dbt_defer.session", "DeferSession", "start"),
+    ("dbt_defer.session", "DeferSession", "merge"),
+]
+
+
+def time_setup(out: str, with_plugin: bool) -> None:
+    import importlib
+    import time
+
+    totals: dict[str, float] = {}
+    missing: list[str] = []
+
+    def timed(label, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    for module, cls_name, attr in SETUP_FUNCTIONS:
+        label = f"{cls_name}.{attr}"
+        if module.startswith(PLUGIN) and not with_plugin:
+            continue
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+            raw = cls.__dict__[attr]
+        except (ImportError, AttributeError, KeyError):
+            missing.append(f"{module}.{label}")
+            continue
+        if isinstance(raw, (classmethod, staticmethod)):
+            setattr(cls, attr, type(raw)(timed(label, raw.__func__)))
+        else:
+            setattr(cls, attr, timed(label, raw))
+
+    def write():
+        with open(out, "w") as f:
+            json.dump({"seconds": totals, "missing": missing}, f)
+    atexit.register(write)
+
+
 def main(argv: list[str]) -> None:
     sep = argv.index("--")
     opts, dbt_args = argv[:sep], argv[sep + 1:]
-    if "--hide-plugin" in opts:
-        hide_plugin()
+    install_filters(PLUGIN if "--hide-plugin" in opts else "dbt_defer_bench_nothing")
     if "--probe" in opts:
         probe(opts[opts.index("--probe") + 1])
     if "--count" in opts:
         count_metadata(opts[opts.index("--count") + 1])
+    if "--timers" in opts:
+        time_setup(opts[opts.index("--timers") + 1], "--hide-plugin" not in opts)
     from dbt.cli.main import cli
 
     sys.argv = ["dbt", *dbt_args]

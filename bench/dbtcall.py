@@ -41,6 +41,7 @@ class Outcome:
     cpu_seconds: float  # user + sys of the dbt process
     plugin_loaded: bool | None
     counts: dict | None
+    timers: dict | None = None
 
 
 def base_env() -> dict[str, str]:
@@ -50,14 +51,17 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def run(call: Call, count: bool = False, quiet: bool = True) -> Outcome:
+def run(call: Call, count: bool = False, timers: bool = False, quiet: bool = True) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="dbtbench-") as tmp:
         probe, counts = Path(tmp, "probe.json"), Path(tmp, "counts.json")
+        timers_file = Path(tmp, "timers.json")
         opts = ["--probe", str(probe)]
         if call.hide_plugin:
             opts.append("--hide-plugin")
         if count:
             opts += ["--count", str(counts)]
+        if timers:
+            opts += ["--timers", str(timers_file)]
         cmd = [sys.executable, str(ENTRY), *opts, "--",
                *call.args, "--profiles-dir", str(call.project)]
         env = {**base_env(), **call.env}
@@ -74,7 +78,8 @@ def run(call: Call, count: bool = False, quiet: bool = True) -> Outcome:
             print(proc.stdout)
         loaded = json.loads(probe.read_text())["dbt_defer_loaded"] if probe.exists() else None
         data = json.loads(counts.read_text()) if count and counts.exists() else None
-        return Outcome(seconds, cpu, loaded, data)
+        timed = json.loads(timers_file.read_text()) if timers and timers_file.exists() else None
+        return Outcome(seconds, cpu, loaded, data, timed)
 
 
 def _children_cpu() -> float:

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+GENERATOR_VERSION = 2  # bump when the generated projects change (invalidates --reuse)
 LAYERS = 10
 TABLE_LAYERS = (0, 5)
 SHIM = "{% macro ref() %}{{ return(dbt_defer.ref(*varargs, **kwargs)) }}{% endmacro %}\n"
@@ -66,12 +67,16 @@ def model_sql(p: Project, layer: int, i: int, tagged: bool) -> str:
     )
 
 
+def project_for(root: Path, n_models: int) -> Project:
+    width = max(2, n_models // LAYERS)
+    return Project(root=root, n_models=width * LAYERS, width=width)
+
+
 def write_project(root: Path, n_models: int, package_path: Path, db_path: Path,
                   threads: int, with_defer: bool = True) -> Project:
     """Write a fresh project at `root` (removed first). `with_defer=False` writes a
     vanilla project: no dbt_defer package, no ref shim."""
-    width = max(2, n_models // LAYERS)
-    p = Project(root=root, n_models=width * LAYERS, width=width)
+    p = project_for(root, n_models)
     if root.exists():
         shutil.rmtree(root)
     (root / "models").mkdir(parents=True)
@@ -92,11 +97,11 @@ def write_project(root: Path, n_models: int, package_path: Path, db_path: Path,
         (root / "macros" / "ref.sql").write_text(SHIM)
         (root / "packages.yml").write_text(f"packages:\n  - local: {package_path}\n")
 
-    members = staging_members(width)
+    members = staging_members(p.width)
     for layer in range(LAYERS):
         d = root / "models" / f"layer{layer}"
         d.mkdir()
-        for i in range(width):
+        for i in range(p.width):
             sql = model_sql(p, layer, i, (layer, i) in members)
             (d / f"{p.model(layer, i)}.sql").write_text(sql)
     return p

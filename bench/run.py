@@ -22,7 +22,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dbtcall import Call, DbtFailed, Outcome, run  # noqa: E402
-from genproject import Project, write_project  # noqa: E402
+from genproject import GENERATOR_VERSION, Project, profiles_yml, project_for, write_project  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -54,6 +54,7 @@ class Ctx:
     staging_state: Path
     plugin: dict
     rows: list[Row] = field(default_factory=list)
+    big_states: list[Path] | None = None  # the n-node manifests of measure 3, once made
 
     @property
     def root(self) -> Path:
@@ -81,6 +82,10 @@ def median(xs: list[float]) -> float:
 class Timings:
     wall: dict[str, list[float]]
     cpu: dict[str, list[float]]
+    warmup: dict[str, Outcome] = field(default_factory=dict, repr=False)
+
+    def asdict(self) -> dict:
+        return {"wall": self.wall, "cpu": self.cpu}
 
     def ratio(self, a: str, b: str) -> tuple[float, float]:
         """(wall, cpu) ratio of the medians of variant a over variant b."""
@@ -102,7 +107,9 @@ def compare(label: str, calls: dict[str, Callable[[], Outcome]], repeat: int,
             if before_each:
                 before_each()
             out = fn()
-            if rnd > 0:
+            if rnd == 0:
+                t.warmup[name] = out
+            else:
                 t.wall[name].append(out.seconds)
                 t.cpu[name].append(out.cpu_seconds)
         if rnd > 0:
@@ -143,10 +150,24 @@ def save_state(root: Path, target_path: str, dest: Path) -> None:
 
 # ---------------------------------------------------------------- set-up
 
+def setup_stamp(args: argparse.Namespace) -> dict:
+    return {"models": args.models, "generator": GENERATOR_VERSION,
+            "package": str(macro_package(args.work_dir.resolve()))}
+
+
 def setup(args: argparse.Namespace) -> Ctx:
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     db = work / "bench.duckdb"
+    stamp_file, stamp = work / "stamp.json", setup_stamp(args)
+    if args.reuse and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+        log(f"--reuse: keeping the projects, warehouse and states in {work}")
+        project = project_for(work / "project", args.models)
+        for root in (project.root, work / "vanilla"):
+            (root / "profiles.yml").write_text(profiles_yml(db, args.threads))
+        return Ctx(args, work, project, work / "vanilla", work / "prod-artifacts",
+                   work / "staging-artifacts", plugin_status())
+    stamp_file.unlink(missing_ok=True)
     for f in (db, work / "bench.duckdb.wal"):
         f.unlink(missing_ok=True)
 
@@ -170,6 +191,7 @@ def setup(args: argparse.Namespace) -> Ctx:
                                 "--target-path", "target/staging"], hide_plugin=True)).seconds
     save_state(project.root, "target/staging", ctx.staging_state)
     log(f"  staging built in {t:.1f}s")
+    stamp_file.write_text(json.dumps(stamp))
     return ctx
 
 
@@ -215,13 +237,13 @@ def measure_inert(ctx: Ctx) -> None:
         "vanilla": lambda: run(Call(ctx.vanilla, args + ["--target-path", "target/inert"],
                                     hide_plugin=True)),
     }
-    loaded = variants["plugin"]().plugin_loaded
-    expect_hidden(variants["hidden"](), "inert baseline")
     t = compare("inert", variants, ctx.args.repeat)
+    loaded = t.warmup["plugin"].plugin_loaded
+    expect_hidden(t.warmup["hidden"], "inert baseline")
     ratio = t.ratio("plugin", "hidden")[0]
     cmd = f"dbt run --target prod -s <{len(ctx.selection())} layer-{ctx.project.top} models>"
     ctx.rows.append(Row("inert", measure, budget, t.text("plugin", "hidden"), ratio,
-                        ratio <= 1.02, {"command": cmd, "timings": asdict(t),
+                        ratio <= 1.02, {"command": cmd, "timings": t.asdict(),
                                         "plugin_loaded": loaded}))
     ctx.rows.append(Row("inert_vanilla", LABELS["inert_vanilla"], "info",
                         t.text("plugin", "vanilla"), t.ratio("plugin", "vanilla")[0], None,
@@ -241,14 +263,14 @@ def measure_chain(ctx: Ctx) -> None:
     chain_call = Call(ctx.root, sel + ["--target-path", "target/chain"], env=ctx.chain_env())
     native_call = Call(ctx.root, sel + ["--defer", "--state", str(ctx.prod_state),
                                         "--target-path", "target/native"], hide_plugin=True)
-    expect_hidden(run(native_call), "native --defer baseline")
     t = compare("chain", {"chain": lambda: run(chain_call),
                           "native": lambda: run(native_call)}, ctx.args.repeat)
+    expect_hidden(t.warmup["native"], "native --defer baseline")
     ratio = t.ratio("chain", "native")[0]
     audit = read_audit_summary(ctx.root / "target/chain")
     ctx.rows.append(Row("chain", measure, budget, t.text("chain", "native"), ratio,
                         ratio <= 1.10, {"chain": chain_call.describe(),
-                                        "native": native_call.describe(), "timings": asdict(t),
+                                        "native": native_call.describe(), "timings": t.asdict(),
                                         "audit_summary": audit}))
     if audit is None:
         log("WARNING: no target/chain/dbt_defer_audit.json after a deferred run")
@@ -297,29 +319,35 @@ def measure_devloop(ctx: Ctx) -> None:
     ctx.rows.append(Row("devloop", measure, "report (speed-up)", t.text("plain", "deferred"),
                         t.ratio("plain", "deferred")[0], None,
                         {"deferred": deferred.describe(), "plain": plain.describe(),
-                         "timings": asdict(t), "ratio_meaning": "plain / deferred (speed-up)"}))
+                         "timings": t.asdict(), "ratio_meaning": "plain / deferred (speed-up)"}))
 
 
 def make_big_manifests(ctx: Ctx, n: int) -> list[Path]:
     """Parse (not build) an n-model project; write 3 state dirs whose schemas differ."""
+    if ctx.big_states:
+        return ctx.big_states
     big = ctx.work / "big"
+    dirs = [ctx.work / "big-state" / env for env in ("staging", "qa", "prod")]
+    stamp, stamp_value = ctx.work / "big-state" / "stamp.json", {"nodes": n, "version": 2}
+    if ctx.args.reuse and stamp.exists() and json.loads(stamp.read_text()) == stamp_value:
+        log(f"--reuse: keeping the {n}-node manifests in {stamp.parent}")
+        ctx.big_states = dirs
+        return dirs
     log(f"parsing a {n}-model project for the set-up measurement")
     write_project(big, n, macro_package(ctx.work), ctx.work / "big.duckdb", ctx.args.threads)
     run(Call(big, ["deps"], hide_plugin=True))
-    t = run(Call(big, ["parse", "--target", "prod", "--no-partial-parse"],
-                 hide_plugin=True)).seconds
+    t = run(Call(big, ["parse", "--target", "dev"], hide_plugin=True)).seconds
     log(f"  parsed in {t:.1f}s")
     manifest = json.loads((big / "target" / "manifest.json").read_text())
-    dirs = []
-    for env in ("staging", "qa", "prod"):
+    for d in dirs:
         for node in manifest["nodes"].values():
             if node.get("resource_type") == "model":
-                node["schema"] = env
-                node["relation_name"] = f'"big"."{env}"."{node["alias"]}"'
-        d = ctx.work / "big-state" / env
+                node["schema"] = d.name
+                node["relation_name"] = f'"big"."{d.name}"."{node["alias"]}"'
         d.mkdir(parents=True, exist_ok=True)
         (d / "manifest.json").write_text(json.dumps(manifest))
-        dirs.append(d)
+    stamp.write_text(json.dumps(stamp_value))
+    ctx.big_states = dirs
     return dirs
 
 
@@ -360,10 +388,55 @@ LABELS = {
     "inert_vanilla": "1b. same, vs a project without the package and ref shim",
     "chain": "2. chain overhead (DBT_DEFER=1 staging+prod vs native --defer)",
     "setup": "3. deferral set-up: load 3 manifests vs dbt loading 1",
+    "setup_situ": "3b. deferral set-up in situ (start+merge vs PreviousState+merge)",
     "metadata": "4. metadata queries per (database, schema), deferred build",
     "devloop": "5. dev-loop speed-up (plain +leaf vs deferred leaf)",
 }
+PLUGIN_SETUP = ("DeferSession.start", "DeferSession.merge")
+DBT_SETUP = ("PreviousState.__init__", "GraphRunnableTask.defer_to_manifest")
+
+
+def measure_setup_in_situ(ctx: Ctx) -> None:
+    """(c, in situ) the same 3 × n manifests, timed inside real `dbt compile` runs of the
+    n-model project: dbt-defer's DeferSession.start + merge (load, validate, merge into
+    dbt's manifest) vs dbt's PreviousState + defer_to_manifest (merge_from_artifact)."""
+    n = ctx.args.setup_models
+    measure = f"3b. same, in situ: dbt-defer start+merge vs dbt PreviousState+merge ({n} nodes)"
+    budget = "< 1.00×"
+    if not need_plugin(ctx, "setup_situ", measure, budget):
+        return
+    dirs = make_big_manifests(ctx, n)
+    big = ctx.work / "big"
+    for name in ("situ_plugin", "situ_native"):  # start both from the warm partial parse
+        (big / "target" / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(big / "target" / "partial_parse.msgpack", big / "target" / name)
+    compile_one = ["compile", "--target", "dev", "-s", ctx.project.model(0, 0)]
+    env = {"DBT_DEFER": "1", **{f"DBT_DEFER_{d.name.upper()}_STATE": str(d) for d in dirs}}
+    plugin = Call(big, compile_one + ["--target-path", "target/situ_plugin"], env=env)
+    native = Call(big, compile_one + ["--defer", "--state", str(dirs[-1]),
+                                      "--target-path", "target/situ_native"], hide_plugin=True)
+    sums: dict[str, list[float]] = {"plugin": [], "dbt": []}
+    for rnd in range(min(3, ctx.args.repeat) + 1):
+        p, d = run(plugin, timers=True).timers, run(native, timers=True).timers
+        if rnd == 0:  # warm-up; check the timers fired
+            for side, got, want in (("plugin", p, PLUGIN_SETUP), ("dbt", d, DBT_SETUP)):
+                lacking = [k for k in want if k not in got["seconds"]]
+                if lacking:
+                    raise RuntimeError(f"in-situ {side} run: {lacking} never ran "
+                                       f"(missing hooks: {got['missing']})")
+            continue
+        sums["plugin"].append(sum(p["seconds"][k] for k in PLUGIN_SETUP))
+        sums["dbt"].append(sum(d["seconds"][k] for k in DBT_SETUP))
+        log(f"  in-situ set-up round {rnd}: plugin {sums['plugin'][-1]:.2f}s, "
+            f"dbt {sums['dbt'][-1]:.2f}s  ({p['seconds']} / {d['seconds']})")
+    pm, dm = median(sums["plugin"]), median(sums["dbt"])
+    ctx.rows.append(Row("setup_situ", measure, budget, f"{pm:.3f}s vs {dm:.3f}s", pm / dm,
+                        pm / dm < 1.0, {"seconds": sums, "plugin": plugin.describe(),
+                                        "native": native.describe()}))
+
+
 MEASURES = {"inert": measure_inert, "chain": measure_chain, "setup": measure_setup,
+            "setup_situ": measure_setup_in_situ,
             "metadata": measure_metadata, "devloop": measure_devloop}
 
 
@@ -383,7 +456,7 @@ def report(ctx: Ctx, elapsed: float) -> str:
         "| wall ratio | result |",
         "| --- | --- | --- | --- | --- |",
     ]
-    order = ["inert", "inert_vanilla", "chain", "setup", "metadata", "devloop"]
+    order = ["inert", "inert_vanilla", "chain", "setup", "setup_situ", "metadata", "devloop"]
     for row in sorted(ctx.rows, key=lambda r: order.index(r.key)):
         ratio = f"{row.ratio:.3f}×" if row.ratio is not None else "—"
         lines.append(f"| {row.measure} | {row.budget} | {row.measured} | {ratio} | {row.verdict} |")
@@ -419,12 +492,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--select", type=int, default=40, help="top-layer models selected in "
                     "measures 1, 2 and 4 (default 40)")
     ap.add_argument("--only", help="comma-separated subset of: " + ",".join(MEASURES))
-    ap.add_argument("--work-dir", type=Path, default=BENCH / ".work")
+    ap.add_argument("--reuse", action="store_true", help="reuse the generated projects, "
+                    "warehouse and prod/staging states of a previous run with the same --models")
+    ap.add_argument("--work-dir", type=Path, help="scratch dir (default bench/.work/quick "
+                    "or bench/.work/full)")
     ap.add_argument("--out", type=Path, default=BENCH, help="where results.md/json go")
     a = ap.parse_args(argv)
     a.models = a.models or (200 if a.quick else 2000)
     a.repeat = a.repeat or (3 if a.quick else 5)
     a.setup_models = a.setup_models or (2000 if a.quick else 10000)
+    a.work_dir = a.work_dir or BENCH / ".work" / ("quick" if a.quick else "full")
     return a
 
 

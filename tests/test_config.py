@@ -304,3 +304,15 @@ def test_good_other_values():
     assert cfg.limit_for_target("prod") == (False, None)
     assert cfg.limit_tests is True and cfg.audit_table is True
     assert cfg.never_defer == ("tag:pii",) and cfg.max_age_hours == 1.5
+
+
+def test_compile_as_defaults_to_compile_and_accepts_build():
+    assert load_config({}, {}, "/p").compile_as == "compile"
+    assert load_config({}, {"DBT_DEFER_COMPILE_AS": "Build"}, "/p").compile_as == "build"
+
+
+def test_compile_as_rejects_other_values_in_one_line():
+    with pytest.raises(DeferConfigError) as exc:
+        load_config({}, {"DBT_DEFER_COMPILE_AS": "run"}, "/p")
+    message = str(exc.value)
+    assert "DBT_DEFER_COMPILE_AS" in message and "'build'" in message and "\n" not in message

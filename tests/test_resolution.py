@@ -219,3 +219,28 @@ def test_nothing_found_under_each_policy(policy):
 def test_render_skips_empty_parts():
     assert render((None, "s", "t")) == "s.t"
     assert render(("d", "s", "t")) == "d.s.t"
+
+
+def test_selected_in_a_command_that_builds_nothing_reads_from_the_chain_when_dev_lacks_it():
+    seen = []
+
+    def exists(loc):
+        seen.append(loc)
+        return loc == PROD_LOC
+
+    result = resolve(
+        ephemeral=False, selected=True, restricted=False, dev_location=DEV_LOC, policy="always",
+        candidates=[Candidate("prod", PROD_LOC)], exists=exists, modified_against=lambda env: False,
+        builds_selection=False,
+    )
+    assert (result.env, result.reason, result.location) == ("prod", "deferred", PROD_LOC)
+    assert DEV_LOC in seen
+
+
+def test_selected_in_a_command_that_builds_nothing_falls_back_to_dev_when_nothing_has_it():
+    result = resolve(
+        ephemeral=False, selected=True, restricted=False, dev_location=DEV_LOC, policy="always",
+        candidates=[Candidate("prod", None, "not in manifest")], exists=lambda loc: False,
+        modified_against=lambda env: False, builds_selection=False,
+    )
+    assert (result.env, result.reason, result.location) == ("dev", "selected", DEV_LOC)

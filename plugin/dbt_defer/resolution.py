@@ -67,16 +67,27 @@ def resolve(
     candidates: Sequence[Candidate],
     exists: Callable[[Location], bool],
     modified_against: Callable[[str], bool],
+    builds_selection: bool = True,
 ) -> Resolution:
     """Apply SPEC §4 in order; raise Unresolved/RestrictedMissing when nothing serves the ref.
 
     ``modified_against(env)`` tells whether the node's code or config differs from what ``env``
-    holds; it is only called under the ``modified`` policy.
+    holds; it is only called under the ``modified`` policy. ``builds_selection`` is False for
+    commands that build nothing (compile, show, docs, test): there a selected node that is not
+    in dev yet is read from where it exists, like dbt's --defer, else from dev.
     """
     if ephemeral:
         return Resolution(EPHEMERAL, EPHEMERAL, None)
     if selected:
-        return Resolution(DEV, SELECTED, dev_location)
+        if builds_selection or exists(dev_location):
+            return Resolution(DEV, SELECTED, dev_location)
+        try:
+            return resolve(
+                ephemeral=False, selected=False, restricted=restricted, dev_location=dev_location,
+                policy=policy, candidates=candidates, exists=exists, modified_against=modified_against,
+            )
+        except (Unresolved, RestrictedMissing):
+            return Resolution(DEV, SELECTED, dev_location)
     if restricted:
         if not exists(dev_location):
             raise RestrictedMissing(dev_location)

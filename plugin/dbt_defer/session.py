@@ -27,8 +27,6 @@ from dbt_defer.resolution import (
     EPHEMERAL,
     Candidate,
     Location,
-    SELECTED,
-    Resolution,
     RestrictedMissing,
     Unresolved,
     render,
@@ -285,26 +283,18 @@ class DeferSession:
 
         dev_location: Location = (target.database, target.schema, target.alias or target.name)
         uid = target.unique_id
-        selected = uid in self._selected_now()
-        # compile/show/docs build nothing: a selected node that is not in dev yet is read from
-        # where it exists (like dbt's --defer), else from dev as dbt would render it
-        from_chain = selected and not self._writes and not self.checker.exists(dev_location)
         try:
-            try:
-                result = resolve(
-                    ephemeral=False,
-                    selected=selected and not from_chain,
-                    restricted=uid in self.restricted,
-                    dev_location=dev_location,
-                    policy=self.cfg.dev_relations,
-                    candidates=[env.candidate(uid) for env in self.environments],
-                    exists=self.checker.exists,
-                    modified_against=lambda env: self._modified(target, env),
-                )
-            except (RestrictedMissing, Unresolved):
-                if not from_chain:
-                    raise
-                result = Resolution(DEV, SELECTED, dev_location)
+            result = resolve(
+                ephemeral=False,
+                selected=uid in self._selected_now(),
+                restricted=uid in self.restricted,
+                dev_location=dev_location,
+                policy=self.cfg.dev_relations,
+                candidates=[env.candidate(uid) for env in self.environments],
+                exists=self.checker.exists,
+                modified_against=lambda env: self._modified(target, env),
+                builds_selection=self._writes,
+            )
         except RestrictedMissing as exc:
             raise CompilationError(
                 f"dbt-defer: {node.unique_id} refs {uid}, which is restricted (never_defer / "

@@ -316,3 +316,13 @@ def test_compile_as_rejects_other_values_in_one_line():
         load_config({}, {"DBT_DEFER_COMPILE_AS": "run"}, "/p")
     message = str(exc.value)
     assert "DBT_DEFER_COMPILE_AS" in message and "'build'" in message and "\n" not in message
+
+
+def test_overlay_settings_cli_vars_win_key_by_key():
+    from dbt_defer.config import overlay_settings
+
+    project = {"dbt_defer": {"limits": {"dev": 10}, "max_age_hours": 5}, "other": 1}
+    assert overlay_settings(project, {"dbt_defer": {"max_age_hours": 1}}) == {"limits": {"dev": 10}, "max_age_hours": 1}
+    assert overlay_settings(project, {}) == {"limits": {"dev": 10}, "max_age_hours": 5}
+    assert overlay_settings({}, None) is None
+    assert overlay_settings(None, {"dbt_defer": {"audit_table": True}}) == {"audit_table": True}

@@ -23,7 +23,7 @@ import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from dbt_defer import __version__
-from dbt_defer.config import DeferConfig, DeferConfigError, EnvironmentSpec, load_config, truthy
+from dbt_defer.config import DeferConfig, DeferConfigError, EnvironmentSpec, load_config, overlay_settings, truthy
 
 AUDIT_FILE = "dbt_defer_audit.json"
 
@@ -46,7 +46,7 @@ class ProjectContext:
         self.project = _load_project_yml(self.root)
         self.name = str(self.project.get("name") or "")
         self.cli_vars = _parse_vars(args.vars)
-        self.settings = _settings(self.project.get("vars"), self.cli_vars)
+        self.settings = overlay_settings(self.project.get("vars"), self.cli_vars)
         self.target_path = self._target_path()
         self.target_name = args.target or os.environ.get("DBT_TARGET") or self._default_target()
         environ = os.environ
@@ -149,19 +149,6 @@ def _parse_vars(raw: Optional[str]) -> Dict[str, Any]:
     if not isinstance(value, dict):
         raise CliError("dbt-defer: --vars must be a YAML mapping, e.g. '{dbt_defer: {max_age_hours: 24}}'", 2)
     return value
-
-
-def _settings(project_vars: Any, cli_vars: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """Same overlay as session.settings_from: vars: dbt_defer, then --vars dbt_defer."""
-    project = project_vars if isinstance(project_vars, dict) else {}
-    base, override = project.get("dbt_defer"), cli_vars.get("dbt_defer")
-    if base is None and override is None:
-        return None
-    if override is None:
-        return base
-    if base is None or not isinstance(base, dict) or not isinstance(override, dict):
-        return override
-    return {**base, **override}
 
 
 def _render_simple(value: str, cli_vars: Dict[str, Any]) -> str:

@@ -232,6 +232,18 @@ def _compile_as(environ: Mapping[str, str]) -> str:
     return value
 
 
+def overlay_settings(project_vars: Any, cli_vars: Any) -> Optional[Mapping[str, Any]]:
+    """``vars: dbt_defer`` from dbt_project.yml, overlaid key by key by ``--vars '{dbt_defer: ...}'``."""
+    project = project_vars if isinstance(project_vars, Mapping) else {}
+    cli = cli_vars if isinstance(cli_vars, Mapping) else {}
+    base, override = project.get("dbt_defer"), cli.get("dbt_defer")
+    if override is None:
+        return base
+    if not isinstance(base, Mapping) or not isinstance(override, Mapping):
+        return override
+    return {**base, **override}
+
+
 def load_config(
     settings: Optional[Mapping[str, Any]],
     environ: Mapping[str, str],

@@ -12,7 +12,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
 
 from dbt_common.events.base_types import EventLevel
 from dbt_common.events.functions import fire_event
@@ -21,7 +21,7 @@ from dbt_common.exceptions import CompilationError, DbtRuntimeError
 
 import dbt_defer
 from dbt_defer import audit, guard
-from dbt_defer.config import DEV, DeferConfig, DeferConfigError, EnvironmentSpec, load_config
+from dbt_defer.config import DEV, DeferConfig, DeferConfigError, EnvironmentSpec, load_config, overlay_settings
 from dbt_defer.manifests import LoadedManifest, ManifestError, load_manifest, manifest_path_for
 from dbt_defer.resolution import (
     EPHEMERAL,
@@ -38,18 +38,10 @@ def log(msg: str, level: EventLevel = EventLevel.INFO) -> None:
     fire_event(Note(msg=msg), level=level)
 
 
-def settings_from(config: Any) -> Optional[Dict[str, Any]]:
-    """vars: dbt_defer from dbt_project.yml, overlaid by --vars '{dbt_defer: {...}}'."""
+def settings_from(config: Any) -> Optional[Mapping[str, Any]]:
+    """vars: dbt_defer of the running project, overlaid by --vars."""
     project = (getattr(config, "vars", None) and config.vars.to_dict()) or {}
-    cli = getattr(config, "cli_vars", None) or {}
-    base, override = project.get("dbt_defer"), cli.get("dbt_defer")
-    if base is None and override is None:
-        return None
-    if override is None:
-        return base
-    if base is None or not isinstance(base, dict) or not isinstance(override, dict):
-        return override
-    return {**base, **override}
+    return overlay_settings(project, getattr(config, "cli_vars", None))
 
 
 def config_for_task(task: Any) -> DeferConfig:

@@ -94,12 +94,16 @@ class Environment:
         }
 
 
+_DBT_CACHED: FrozenSet[str] = frozenset({"<cached by dbt>"})  # sentinel: ask dbt's live cache
+
+
 class ExistenceChecker:
     """Does a relation exist? Backed by dbt's relation cache.
 
-    A (database, schema) that dbt has not cached is listed once (one metadata query), under a
-    per-schema lock so that threads never list the same schema twice; what was found goes into
-    dbt's cache too.
+    Every (database, schema) is settled once, under a per-schema lock: a schema dbt cached
+    before the run is looked up in dbt's live cache; any other schema is listed once (one
+    metadata query) and what was found also goes into dbt's cache. No thread ever reads a
+    schema while another is still listing it.
     """
 
     def __init__(self, adapter: Any) -> None:
@@ -118,12 +122,12 @@ class ExistenceChecker:
         key = self._key(database, schema)
         listed = self._listed.get(key)
         if listed is None:
-            if (database, schema) in self.adapter.cache:
-                return self.adapter.get_relation(database, schema, identifier) is not None
-            listed = self._list(key, database, schema)
+            listed = self._settle(key, database, schema)
+        if listed is _DBT_CACHED:
+            return self.adapter.get_relation(database, schema, identifier) is not None
         return identifier.lower() in listed
 
-    def _list(self, key: Tuple[str, str], database: Optional[str], schema: Optional[str]) -> FrozenSet[str]:
+    def _settle(self, key: Tuple[str, str], database: Optional[str], schema: Optional[str]) -> FrozenSet[str]:
         with self._lock:
             schema_lock = self._schema_locks.setdefault(key, threading.Lock())
         with schema_lock:
@@ -131,6 +135,11 @@ class ExistenceChecker:
             if listed is not None:
                 return listed
             adapter = self.adapter
+            # Only this lock's holder adds this schema to dbt's cache, so if it is there now,
+            # dbt cached it itself (complete, and kept current by dbt as the run writes).
+            if (database, schema) in adapter.cache:
+                self._listed[key] = _DBT_CACHED
+                return _DBT_CACHED
             schema_relation = adapter.Relation.create(
                 database=database, schema=schema, identifier="", quote_policy=adapter.config.quoting
             ).without_identifier()

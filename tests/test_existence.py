@@ -1,0 +1,109 @@
+"""ExistenceChecker under threads: one listing per schema, and no thread reads a half-listed schema.
+
+A fake adapter stands in for dbt's (the real one is exercised by every integration test); its
+cache adds relations slowly, so a reader that trusted the cache mid-listing would miss the last one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from dbt_defer.session import ExistenceChecker
+
+
+@dataclass(frozen=True)
+class FakeRelation:
+    database: str
+    schema: str
+    identifier: str = ""
+
+    def without_identifier(self):
+        return FakeRelation(self.database, self.schema, "")
+
+
+class FakeCache:
+    def __init__(self, cached=()):
+        self.schemas = {(d.lower(), s.lower()) for d, s in cached}
+        self.relations = set()
+
+    def __contains__(self, key):
+        return (key[0].lower(), key[1].lower()) in self.schemas
+
+    def add(self, relation):
+        self.schemas.add((relation.database.lower(), relation.schema.lower()))  # as dbt's cache does
+        time.sleep(0.01)
+        self.relations.add((relation.database.lower(), relation.schema.lower(), relation.identifier.lower()))
+
+    def update_schemas(self, schemas):
+        self.schemas.update((d.lower(), s.lower()) for d, s in schemas)
+
+
+class FakeAdapter:
+    def __init__(self, warehouse, cached=()):
+        self.warehouse = warehouse  # schema -> identifiers
+        self.cache = FakeCache(cached)
+        for database, schema in cached:
+            for ident in warehouse.get(schema, []):
+                self.cache.relations.add((database, schema, ident))
+        self.config = SimpleNamespace(credentials=SimpleNamespace(database="db"), quoting={})
+        self.Relation = SimpleNamespace(
+            create=lambda database, schema, identifier, quote_policy: FakeRelation(database, schema, identifier)
+        )
+        self.listed = []
+
+    def list_relations_without_caching(self, schema_relation):
+        self.listed.append(schema_relation.schema)
+        time.sleep(0.05)
+        return [FakeRelation("db", schema_relation.schema, i) for i in self.warehouse.get(schema_relation.schema, [])]
+
+    def get_relation(self, database, schema, identifier):
+        found = (database.lower(), schema.lower(), identifier.lower()) in self.cache.relations
+        return FakeRelation(database, schema, identifier) if found else None
+
+
+def _hammer(checker, location, threads=8):
+    """Threads arrive one by one over the listing (0.05 s) and the cache filling (0.1 s)."""
+    results = []
+
+    def work(i):
+        time.sleep(i * 0.015)
+        results.append(checker.exists(location))
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return results
+
+
+def test_threads_never_see_a_half_listed_schema_and_list_it_once():
+    idents = [f"t{i}" for i in range(10)]
+    adapter = FakeAdapter({"prod": idents})
+    checker = ExistenceChecker(adapter)
+    results = _hammer(checker, ("db", "prod", "t9"))  # the last relation the listing adds
+    assert results == [True] * 8
+    assert adapter.listed == ["prod"]
+    assert checker.queries == {("db", "prod"): 1}
+    assert checker.exists(("db", "PROD", "T3")) and not checker.exists(("db", "prod", "nope"))
+    assert adapter.listed == ["prod"]
+
+
+def test_a_schema_dbt_cached_is_read_from_dbts_cache_without_a_query():
+    adapter = FakeAdapter({"dev": ["a"]}, cached=[("db", "dev")])
+    checker = ExistenceChecker(adapter)
+    assert _hammer(checker, ("db", "dev", "a")) == [True] * 8
+    assert not checker.exists(("db", "dev", "b"))
+    adapter.cache.relations.add(("db", "dev", "b"))  # dbt's cache stays live for its own schemas
+    assert checker.exists(("db", "dev", "b"))
+    assert adapter.listed == [] and checker.queries == {}
+
+
+def test_an_empty_or_missing_schema_is_listed_once():
+    adapter = FakeAdapter({})
+    checker = ExistenceChecker(adapter)
+    assert _hammer(checker, ("db", "staging", "x")) == [False] * 8
+    assert adapter.listed == ["staging"]

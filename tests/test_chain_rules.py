@@ -684,3 +684,25 @@ def test_at_most_one_metadata_query_per_schema(clean_dev, monkeypatch):
     schemas = {s for (_, s) in calls}
     assert {p.schema("staging"), p.schema("prod")} <= schemas, calls
     assert max(calls.values()) <= 1, calls
+
+
+# --- the root shim (SPEC §1) ---------------------------------------------------------------------
+
+
+def test_missing_shim_is_reported_once_and_refs_still_follow_the_chain(clean_dev):
+    p = clean_dev
+    shim = p.root / "macros" / "ref.sql"
+    saved = shim.read_text()
+    shim.unlink()
+    try:
+        result = dbt(p, "run", "-s", "customers", "customer_report")
+        warnings = [m for m in result.messages if "no ref shim" in m["msg"]]
+        assert len(warnings) == 1, warnings
+        assert warnings[0]["level"] == "warn"
+        assert "{% macro ref() %}{{ return(dbt_defer.ref(*varargs, **kwargs)) }}{% endmacro %}" in warnings[0]["msg"]
+        assert_resolved(p, "customers", "stg_customers", "staging", "deferred")
+    finally:
+        shim.write_text(saved)
+    result = dbt(p, "run", "-s", "customers")
+    assert not [m for m in result.messages if "no ref shim" in m["msg"]]
+    assert_resolved(p, "customers", "stg_customers", "staging", "deferred")

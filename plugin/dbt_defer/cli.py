@@ -181,9 +181,9 @@ def _print_json(value: Any) -> None:
 
 
 def _age(hours: Optional[float]) -> Optional[str]:
-    from dbt_defer.remote import human_age
+    from dbt_defer.manifests import format_age
 
-    return None if hours is None else human_age(hours)
+    return None if hours is None else format_age(hours)
 
 
 def _warn(message: str) -> None:

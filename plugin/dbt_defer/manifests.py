@@ -145,7 +145,9 @@ def parse_timestamp(value: str) -> Optional[datetime]:
 
 
 def format_age(hours: float) -> str:
-    """'5.0 hours' / '3.2 days (77 hours)' — what a person reads in a staleness warning."""
+    """'12 min' / '5.0 hours' / '3.2 days (77 hours)': an age as a person reads it."""
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
     if hours < 48:
         return f"{hours:.1f} hours"
     return f"{hours / 24:.1f} days ({hours:.0f} hours)"
@@ -156,17 +158,21 @@ def project_id_for(project_name: str) -> str:
     return hashlib.md5(project_name.encode("utf-8")).hexdigest()
 
 
+def _reject_nul(env_name: str, path: str) -> None:
+    if "\0" in path:
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': state location {path!r} contains a NUL character; "
+            "fix the path"
+        )
+
+
 def manifest_path_for(env_name: str, state: str) -> str:
     """A state is a folder holding manifest.json, or the manifest file itself."""
     if os.path.isdir(state):
         return os.path.join(state, MANIFEST)
     if os.path.exists(state) or state.endswith(".json"):
         return state
-    if "\0" in state:
-        raise ManifestError(
-            f"dbt-defer: environment '{env_name}': state location {state!r} contains a NUL character; "
-            "fix the path"
-        )
+    _reject_nul(env_name, state)
     raise ManifestError(
         f"dbt-defer: environment '{env_name}': state location {state} does not exist; "
         f"point it at a folder holding {MANIFEST} (or at the file itself), or unset it to skip the environment"
@@ -199,11 +205,7 @@ def load_manifest(env_name: str, path: str, *, is_compatible=None) -> LoadedMani
     ``is_compatible(schema_version) -> bool`` is dbt's own check of the manifest schema version.
     """
     path = os.path.abspath(path)
-    if "\0" in path:
-        raise ManifestError(
-            f"dbt-defer: environment '{env_name}': state location {path!r} contains a NUL character; "
-            "fix the path"
-        )
+    _reject_nul(env_name, path)
     stat = _stat_key(path)
     if stat is None:
         raise ManifestError(

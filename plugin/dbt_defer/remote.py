@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from dbt_defer.config import EnvironmentSpec
-from dbt_defer.manifests import MANIFEST, RUN_RESULTS, ManifestError, load_manifest, parse_timestamp
+from dbt_defer.manifests import MANIFEST, RUN_RESULTS, ManifestError, format_age, load_manifest, parse_timestamp
 
 CACHE_DIR = "dbt_defer_state"
 META = "fetch.json"
@@ -168,26 +168,18 @@ def _hours_since(stamp: Optional[str]) -> Optional[float]:
     return max(0.0, (datetime.now(timezone.utc) - when).total_seconds() / 3600.0)
 
 
-def human_age(hours: float) -> str:
-    if hours < 1:
-        return f"{hours * 60:.0f} min"
-    if hours < 48:
-        return f"{hours:.1f} hours"
-    return f"{hours / 24:.1f} days"
-
-
 def _age_text(meta: Dict[str, Any], folder: str) -> str:
     fetched = _hours_since(meta.get("fetched_at"))
     parts = []
     if fetched is not None:
-        parts.append(f"fetched {human_age(fetched)} ago")
+        parts.append(f"fetched {format_age(fetched)} ago")
     try:
         generated_at = load_manifest("cache", os.path.join(folder, MANIFEST)).generated_at
     except ManifestError:
         generated_at = None
     generated = _hours_since(generated_at)
     if generated is not None:
-        parts.append(f"manifest generated {human_age(generated)} ago, at {generated_at}")
+        parts.append(f"manifest generated {format_age(generated)} ago, at {generated_at}")
     return "; ".join(parts) or "age unknown"
 
 

@@ -197,25 +197,21 @@ def _load_env(ctx: ProjectContext, spec: EnvironmentSpec, warn=_warn, local: Opt
     """(loaded manifest, manifest path) for one environment, or raise CliError with the clear line.
 
     ``local``: the state's local folder when the caller has fetched it already."""
-    from dbt_defer import guard, remote
-    from dbt_defer.manifests import ManifestError, load_manifest, manifest_path_for
+    from dbt_defer import guard
+    from dbt_defer.manifests import ManifestError
 
+    if "{{" in spec.state:
+        raise CliError(
+            f"dbt-defer: environment '{spec.name}': state {spec.state} contains Jinja, which dbt does "
+            f"not render inside vars: dbt_defer; set DBT_DEFER_{spec.name.upper()}_STATE instead"
+        )
     try:
-        if "{{" in spec.state:
-            raise CliError(
-                f"dbt-defer: environment '{spec.name}': state {spec.state} contains Jinja, which dbt does "
-                f"not render inside vars: dbt_defer; set DBT_DEFER_{spec.name.upper()}_STATE instead"
-            )
-        if local is None:
-            local = remote.fetch_state(spec, ctx.target_path, warn=warn) if spec.is_uri else spec.state
-        path = manifest_path_for(spec.name, local)
-        guard.check_not_target_path(spec, path, ctx.target_path)
-        manifest = load_manifest(spec.name, path, is_compatible=_is_compatible())
-        if ctx.name:
-            guard.check_project(spec, manifest, ctx.name)
+        manifest = guard.load_environment(
+            spec, ctx.target_path, ctx.name, is_compatible=_is_compatible(), warn=warn, local=local
+        )
     except (ManifestError, guard.GuardError) as exc:
         raise CliError(str(exc)) from None
-    return manifest, path
+    return manifest, manifest.path
 
 
 def _is_compatible():

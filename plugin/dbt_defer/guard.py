@@ -7,7 +7,14 @@ import os
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
 from dbt_defer.config import EnvironmentSpec
-from dbt_defer.manifests import MANIFEST, LoadedManifest, format_age, project_id_for
+from dbt_defer.manifests import (
+    MANIFEST,
+    LoadedManifest,
+    format_age,
+    load_manifest,
+    manifest_path_for,
+    project_id_for,
+)
 
 SHIM = "{% macro ref() %}{{ return(dbt_defer.ref(*varargs, **kwargs)) }}{% endmacro %}"
 
@@ -20,13 +27,36 @@ def _source(spec: EnvironmentSpec) -> str:
     return f"{spec.source}={spec.state}" if spec.source.startswith(("DBT_", "--")) else spec.state
 
 
-def local_state(spec: EnvironmentSpec, target_path: str) -> str:
+def local_state(spec: EnvironmentSpec, target_path: str, warn: Optional[Callable[[str], None]] = None) -> str:
     """The local folder/file for an environment's state; a URI is fetched into the cache first."""
     if not spec.is_uri:
         return spec.state
     from dbt_defer import remote
 
-    return remote.fetch_state(spec, target_path)
+    return remote.fetch_state(spec, target_path, warn=warn)
+
+
+def load_environment(
+    spec: EnvironmentSpec,
+    target_path: str,
+    project_name: Optional[str],
+    *,
+    is_compatible: Optional[Callable[[str], bool]] = None,
+    warn: Optional[Callable[[str], None]] = None,
+    local: Optional[str] = None,
+) -> LoadedManifest:
+    """Fetch (URI), locate and validate one environment's manifest: the one sequence that a
+    deferred run and the CLI both use. Raises ManifestError or GuardError with the clear line.
+
+    ``local``: the state's local folder when the caller has fetched it already.
+    """
+    if local is None:
+        local = local_state(spec, target_path, warn)
+    check_not_target_path(spec, local, target_path)
+    manifest = load_manifest(spec.name, manifest_path_for(spec.name, local), is_compatible=is_compatible)
+    if project_name:
+        check_project(spec, manifest, project_name)
+    return manifest
 
 
 def check_not_target_path(spec: EnvironmentSpec, state: str, target_path: str) -> None:

@@ -22,7 +22,7 @@ from dbt_common.exceptions import CompilationError, DbtRuntimeError
 import dbt_defer
 from dbt_defer import audit, guard
 from dbt_defer.config import DEV, DeferConfig, DeferConfigError, EnvironmentSpec, load_config, overlay_settings
-from dbt_defer.manifests import LoadedManifest, ManifestError, load_manifest, manifest_path_for
+from dbt_defer.manifests import LoadedManifest, ManifestError
 from dbt_defer.resolution import (
     EPHEMERAL,
     Candidate,
@@ -194,11 +194,9 @@ class DeferSession:
         envs = []
         for spec in cfg.environments:
             try:
-                local = guard.local_state(spec, target_path)
-                guard.check_not_target_path(spec, local, target_path)
-                path = manifest_path_for(spec.name, local)
-                manifest = load_manifest(spec.name, path, is_compatible=WritableManifest.is_compatible_version)
-                guard.check_project(spec, manifest, project)
+                manifest = guard.load_environment(
+                    spec, target_path, project, is_compatible=WritableManifest.is_compatible_version
+                )
             except (ManifestError, guard.GuardError) as exc:
                 raise DbtRuntimeError(str(exc)) from None
             envs.append(Environment(spec, manifest))

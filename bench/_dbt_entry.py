@@ -13,6 +13,8 @@ with metadata queries counted. Used as a subprocess by run.py:
                can verify which side it measured.
 --count FILE   counts adapter.list_relations_without_caching calls per
                (database, schema) and catalog SQL statements, written as JSON at exit.
+--cprofile FILE  runs dbt under cProfile and writes the stats to FILE (pstats format), e.g.
+               to see what the plugin's set-up costs at 20k models.
 --timers FILE  times deferral set-up in situ, written as JSON at exit: dbt's
                PreviousState.__init__ + GraphRunnableTask.defer_to_manifest, and (plugin
                visible) dbt_defer's DeferSession.start + DeferSession.merge.
@@ -64,12 +66,12 @@ def probe(out: str) -> None:
 
 
 def count_metadata(out: str) -> None:
-    from dbt.adapters.duckdb.impl import DuckDBAdapter
     from dbt.adapters.sql.connections import SQLConnectionManager
+    from dbt.adapters.sql.impl import SQLAdapter  # DuckDB's and Postgres's adapters inherit it
 
     by_schema: dict[str, int] = {}
     catalog_sql: list[str] = []
-    original_list = DuckDBAdapter.list_relations_without_caching
+    original_list = SQLAdapter.list_relations_without_caching
     original_add_query = SQLConnectionManager.add_query
 
     def list_relations_without_caching(self, schema_relation, *a, **kw):
@@ -83,7 +85,7 @@ def count_metadata(out: str) -> None:
             catalog_sql.append(" ".join(sql.split())[:160])
         return original_add_query(self, sql, *a, **kw)
 
-    DuckDBAdapter.list_relations_without_caching = list_relations_without_caching
+    SQLAdapter.list_relations_without_caching = list_relations_without_caching
     SQLConnectionManager.add_query = add_query
 
     def write():
@@ -152,6 +154,12 @@ def main(argv: list[str]) -> None:
     from dbt.cli.main import cli
 
     sys.argv = ["dbt", *dbt_args]
+    if "--cprofile" in opts:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        atexit.register(profiler.dump_stats, opts[opts.index("--cprofile") + 1])
+        profiler.enable()
     sys.exit(cli())
 
 

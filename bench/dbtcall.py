@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ class Outcome:
     plugin_loaded: bool | None
     counts: dict | None
     timers: dict | None = None
+    peak_mb: float = 0.0  # peak resident memory (maxrss) of the dbt process
 
 
 def base_env() -> dict[str, str]:
@@ -65,11 +65,17 @@ def run(call: Call, count: bool = False, timers: bool = False, quiet: bool = Tru
         cmd = [sys.executable, str(ENTRY), *opts, "--",
                *call.args, "--profiles-dir", str(call.project)]
         env = {**base_env(), **call.env}
-        cpu_before = _children_cpu()
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=call.project, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        cpu = _children_cpu() - cpu_before
+        out_file, err_file = Path(tmp, "stdout"), Path(tmp, "stderr")
+        with out_file.open("wb") as out, err_file.open("wb") as err:
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=call.project, env=env, stdout=out, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)  # this process's own CPU time and peak memory
+            seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        cpu = usage.ru_utime + usage.ru_stime
+        peak_mb = usage.ru_maxrss / 1024  # KiB on Linux
+        proc.stdout = out_file.read_text(errors="replace")
+        proc.stderr = err_file.read_text(errors="replace")
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + "\n" + proc.stderr).strip().splitlines()[-40:])
             raise DbtFailed(f"exit {proc.returncode}: {call.describe()}\n  cwd={call.project}\n"
@@ -79,9 +85,4 @@ def run(call: Call, count: bool = False, timers: bool = False, quiet: bool = Tru
         loaded = json.loads(probe.read_text())["dbt_defer_loaded"] if probe.exists() else None
         data = json.loads(counts.read_text()) if count and counts.exists() else None
         timed = json.loads(timers_file.read_text()) if timers and timers_file.exists() else None
-        return Outcome(seconds, cpu, loaded, data, timed)
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+        return Outcome(seconds, cpu, loaded, data, timed, peak_mb)

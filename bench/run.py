@@ -27,6 +27,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).parent))
 from dbtcall import Call, DbtFailed, Outcome, run  # noqa: E402
 from genproject import GENERATOR_VERSION, Project, profiles_yml, project_for, write_project  # noqa: E402
+import gendata  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -59,6 +60,9 @@ class Ctx:
     plugin: dict
     rows: list[Row] = field(default_factory=list)
     big_states: list[Path] | None = None  # the n-node manifests of measure 3, once made
+    scaling: list[dict] = field(default_factory=list)  # one point per project size (measure 6)
+    notes: list[str] = field(default_factory=list)
+    plot: str | None = None
 
     @property
     def root(self) -> Path:
@@ -87,9 +91,10 @@ class Timings:
     wall: dict[str, list[float]]
     cpu: dict[str, list[float]]
     warmup: dict[str, Outcome] = field(default_factory=dict, repr=False)
+    peak_mb: dict[str, list[float]] = field(default_factory=dict)
 
     def asdict(self) -> dict:
-        return {"wall": self.wall, "cpu": self.cpu}
+        return {"wall": self.wall, "cpu": self.cpu, "peak_mb": self.peak_mb}
 
     def ratio(self, a: str, b: str) -> tuple[float, float]:
         """(wall, cpu) ratio of the medians of variant a over variant b."""
@@ -116,6 +121,7 @@ def compare(label: str, calls: dict[str, Callable[[], Outcome]], repeat: int,
             else:
                 t.wall[name].append(out.seconds)
                 t.cpu[name].append(out.cpu_seconds)
+                t.peak_mb.setdefault(name, []).append(out.peak_mb)
         if rnd > 0:
             log(f"  {label} round {rnd}/{repeat}: "
                 + ", ".join(f"{n} {w[-1]:.2f}s" for n, w in t.wall.items()))
@@ -388,6 +394,7 @@ def measure_setup(ctx: Ctx) -> None:
                         ratio, ratio < 1.0, detail))
 
 
+LAYERED = {"inert", "chain", "setup", "setup_situ", "metadata", "devloop"}  # on the --models project
 LABELS = {  # measure -> (label, budget), for rows of measures that could not run
     "inert": ("1. inert overhead (deferral off vs plugin not installed)", "≤ 1.02×"),
     "chain": ("2. chain overhead (DBT_DEFER=1 staging+prod vs native --defer)", "≤ 1.10×"),
@@ -396,6 +403,8 @@ LABELS = {  # measure -> (label, budget), for rows of measures that could not ru
                    "< 1.00×"),
     "metadata": ("4. metadata queries per (database, schema), deferred build", "≤ 1"),
     "devloop": ("5. dev-loop speed-up (plain +leaf vs deferred leaf)", "report"),
+    "realistic": ("5b. dev loop on real data volumes", "report"),
+    "scaling": ("6. scaling", "see the scaling table"),
 }
 PLUGIN_SETUP = ("DeferSession.start", "DeferSession.merge")
 DBT_SETUP = ("PreviousState.__init__", "GraphRunnableTask.defer_to_manifest")
@@ -440,34 +449,335 @@ def measure_setup_in_situ(ctx: Ctx) -> None:
                                         "native": native.describe()}))
 
 
+# ---------------------------------------------------------------- real data volumes (5b, 5c)
+
+def pg_settings() -> dict:
+    get = lambda key, default: os.environ.get(f"DBT_DEFER_TEST_PG_{key}", default)  # noqa: E731
+    return {"host": get("HOST", "127.0.0.1"), "port": int(get("PORT", "5432")),
+            "user": get("USER", "postgres"), "password": get("PASSWORD", ""), "dbname": get("DBNAME", "test")}
+
+
+class Warehouse:
+    """SQL outside dbt: the generated source data, dropping the dev schema, cleaning up."""
+
+    def __init__(self, adapter: str, duckdb_path: Path | None = None) -> None:
+        self.adapter, self.duckdb_path = adapter, duckdb_path
+
+    def execute(self, *statements: str) -> list:
+        rows: list = []
+        if self.adapter == "duckdb":
+            import duckdb
+
+            con = duckdb.connect(str(self.duckdb_path))
+            try:
+                for sql in statements:
+                    rows = con.execute(sql).fetchall() if sql.lstrip().lower().startswith("select") \
+                        else (con.execute(sql), [])[1]
+            finally:
+                con.close()
+            return rows
+        import psycopg2
+
+        s = pg_settings()
+        conn = psycopg2.connect(host=s["host"], port=s["port"], user=s["user"], password=s["password"],
+                                dbname=s["dbname"], connect_timeout=5)
+        try:
+            with conn, conn.cursor() as cur:
+                for sql in statements:
+                    cur.execute(sql)
+                    rows = cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+        return rows
+
+    def drop_prefix(self, prefix: str) -> None:
+        like = prefix.replace("_", "\\_") + "\\_%"
+        found = self.execute("select schema_name from information_schema.schemata "
+                             f"where schema_name like '{like}'")
+        self.execute(*[f"drop schema if exists {name} cascade" for (name,) in found])
+
+
+def measure_realistic(ctx: Ctx) -> None:
+    for adapter in ctx.args.data_adapters.split(","):
+        try:
+            realistic_on(ctx, adapter)
+        except Exception as exc:  # one adapter failing does not hide the other
+            log(f"FAILED real-data measurement on {adapter}: {exc}")
+            ctx.rows.append(Row(f"real_{adapter}", f"5b. real data on {adapter}", "report",
+                                "error: " + error_summary(str(exc)), None, False, {"error": str(exc)}))
+
+
+def realistic_on(ctx: Ctx, adapter: str) -> None:
+    a = ctx.args
+    work = ctx.work / f"data-{adapter}"
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "data.duckdb"
+    prefix = "ddbench" if adapter == "duckdb" else f"ddbench_{os.getpid()}"
+    if adapter == "duckdb":
+        for f in (db, work / "data.duckdb.wal"):
+            f.unlink(missing_ok=True)
+    wh = Warehouse(adapter, db)
+    profile = gendata.profile_yml(adapter, prefix, a.threads, db, pg_settings())
+    p = gendata.write_project(work / "project", adapter, a.data_width, a.rows, prefix,
+                              macro_package(ctx.work), profile)
+    try:
+        log(f"real data on {adapter}: {a.rows:,} source rows, {gendata.LAYERS} layers × {p.width} tables")
+        start = time.perf_counter()
+        wh.execute(*gendata.source_sql(p))
+        log(f"  source generated in {time.perf_counter() - start:.1f}s")
+        run(Call(p.root, ["deps"], hide_plugin=True))
+        prod, staging = work / "prod-artifacts", work / "staging-artifacts"
+        t = run(Call(p.root, ["build", "--target", "prod", "--target-path", "target/prod"], hide_plugin=True))
+        save_state(p.root, "target/prod", prod)
+        log(f"  prod built in {t.seconds:.1f}s")
+        t = run(Call(p.root, ["build", "--target", "staging", "-s", "tag:in_staging",
+                              "--target-path", "target/staging"], hide_plugin=True))
+        save_state(p.root, "target/staging", staging)
+        log(f"  staging (tag:in_staging) built in {t.seconds:.1f}s")
+
+        leaf = p.leaf()
+        chain = {"DBT_DEFER": "1", "DBT_DEFER_STAGING_STATE": str(staging), "DBT_DEFER_PROD_STATE": str(prod)}
+        plain = Call(p.root, ["build", "--target", "dev", "-s", f"+{leaf}", "--target-path", "target/plain"],
+                     hide_plugin=True)
+        deferred = Call(p.root, ["build", "--target", "dev", "-s", leaf, "--target-path", "target/deferred"],
+                        env=chain)
+        native = Call(p.root, ["build", "--target", "dev", "-s", leaf, "--defer", "--state", str(prod),
+                               "--target-path", "target/native"], hide_plugin=True)
+        dev = p.schema("dev")
+        t = compare(f"real data {adapter}", {"plain": lambda: run(plain), "deferred": lambda: run(deferred),
+                                             "native": lambda: run(native)},
+                    a.repeat, before_each=lambda: wh.execute(f"drop schema if exists {dev} cascade"))
+        expect_hidden(t.warmup["native"], "native --defer baseline")
+        summary = read_audit_summary(p.root / "target/deferred") or {}
+        where = f"{adapter}, {a.rows / 1e6:g}M source rows, {gendata.LAYERS} layers of tables"
+        speedup = t.ratio("plain", "deferred")[0]
+        saved = summary.get("saved_seconds")
+        ctx.rows.append(Row(
+            f"real_{adapter}", f"5b. dev loop on real data ({where}): plain build -s +{leaf} "
+            f"({p.upstream_of_leaf() + 1} tables) vs deferred -s {leaf}", "report (speed-up)",
+            t.text("plain", "deferred") + (f"; audit: {summary.get('not_built')} not rebuilt, "
+                                           f"saved_seconds {saved}" if summary else ""),
+            speedup, None, {"timings": t.asdict(), "audit_summary": summary, "plain": plain.describe(),
+                            "deferred": deferred.describe(), "native": native.describe(),
+                            "ratio_meaning": "plain / deferred (speed-up)"}))
+        limit = t.ratio("deferred", "native")[0]
+        ctx.rows.append(Row(
+            f"real_limit_{adapter}", f"5c. physical limit ({where}): deferred -s {leaf} (staging+prod) "
+            f"vs native --defer --state prod -s {leaf}", "≤ 1.05×", t.text("deferred", "native"),
+            limit, limit <= 1.05, {"timings": t.asdict()}))
+    finally:
+        if adapter == "postgres":
+            wh.drop_prefix(prefix)
+            log(f"  dropped the {prefix}_* schemas")
+        else:
+            for f in (db, work / "data.duckdb.wal"):
+                f.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- scaling (SPEC §10 item 6)
+
+def derived_states(ctx: Ctx) -> list[Path]:
+    """3 environments (staging, qa, prod) from this project's prod manifest, each pointing at its
+    own schema: staging and prod exist (staging in part), qa does not (a partial chain)."""
+    base = ctx.work / "three-envs"
+    dirs = [base / env for env in ("staging", "qa", "prod")]
+    manifest = json.loads((ctx.prod_state / "manifest.json").read_text())
+    runs = {"staging": ctx.staging_state, "prod": ctx.prod_state}
+    for d in dirs:
+        for node in manifest["nodes"].values():
+            if node.get("resource_type") == "model":
+                node["schema"] = d.name
+                node["relation_name"] = None
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        if d.name in runs:
+            shutil.copy2(runs[d.name] / "run_results.json", d / "run_results.json")
+    return dirs
+
+
+def scale_point(ctx: Ctx) -> dict:
+    """Budgets 2-4 and peak memory at one project size."""
+    n, repeat = ctx.project.n_models, ctx.args.repeat
+    sel = ["build", "--target", "dev", "-s", *ctx.selection()]
+    chain = Call(ctx.root, sel + ["--target-path", "target/chain"], env=ctx.chain_env())
+    native = Call(ctx.root, sel + ["--defer", "--state", str(ctx.prod_state), "--target-path", "target/native"],
+                  hide_plugin=True)
+    plain = Call(ctx.root, ["build", "--target", "prod", "-s", *ctx.selection(), "--target-path", "target/plain"],
+                 hide_plugin=True)
+    t = compare(f"scale {n}", {"plain": lambda: run(plain), "native": lambda: run(native),
+                               "chain": lambda: run(chain)}, repeat)
+    expect_hidden(t.warmup["native"], "native --defer baseline")
+    counts = run(chain, count=True).counts["list_relations_by_schema"]
+
+    dirs = derived_states(ctx)
+    iso: dict[str, list[float]] = {"plugin": [], "dbt": []}
+    for _ in range(repeat):
+        iso["plugin"].append(time_loader("plugin", dirs)["seconds"])
+        iso["dbt"].append(time_loader("dbt", dirs[-1:])["seconds"])
+
+    for name in ("situ_plugin", "situ_native"):  # start from the warm partial parse of the dev runs
+        (ctx.root / "target" / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ctx.root / "target" / "chain" / "partial_parse.msgpack", ctx.root / "target" / name)
+    compile_one = ["compile", "--target", "dev", "-s", ctx.project.model(0, 0)]
+    env3 = {"DBT_DEFER": "1", **{f"DBT_DEFER_{d.name.upper()}_STATE": str(d) for d in dirs}}
+    p_call = Call(ctx.root, compile_one + ["--target-path", "target/situ_plugin"], env=env3)
+    d_call = Call(ctx.root, compile_one + ["--defer", "--state", str(ctx.prod_state),
+                                           "--target-path", "target/situ_native"], hide_plugin=True)
+    situ: dict[str, list[float]] = {"plugin": [], "dbt": []}
+    peak: dict[str, list[float]] = {"plugin": [], "dbt": []}
+    for rnd in range(repeat + 1):
+        p, d = run(p_call, timers=True), run(d_call, timers=True)
+        if rnd == 0:
+            for side, got, want in (("plugin", p.timers, PLUGIN_SETUP), ("dbt", d.timers, DBT_SETUP)):
+                lacking = [k for k in want if k not in got["seconds"]]
+                if lacking:
+                    raise RuntimeError(f"in-situ {side} run at {n}: {lacking} never ran")
+            continue
+        situ["plugin"].append(sum(p.timers["seconds"][k] for k in PLUGIN_SETUP))
+        situ["dbt"].append(sum(d.timers["seconds"][k] for k in DBT_SETUP))
+        peak["plugin"].append(p.peak_mb)
+        peak["dbt"].append(d.peak_mb)
+        log(f"  scale {n} set-up round {rnd}: plugin {situ['plugin'][-1]:.2f}s, dbt {situ['dbt'][-1]:.2f}s, "
+            f"peak {p.peak_mb:.0f} vs {d.peak_mb:.0f} MB")
+    med = {k: median(v) for k, v in t.wall.items()}
+    point = {
+        "models": n, "wall": med, "timings": t.asdict(),
+        "chain_ratio": med["chain"] / med["native"],
+        "setup_plugin": median(situ["plugin"]), "setup_dbt": median(situ["dbt"]),
+        "setup_iso_plugin": median(iso["plugin"]), "setup_iso_dbt": median(iso["dbt"]),
+        "metadata_max": max(counts.values(), default=0), "metadata": counts,
+        "peak_chain_build": median(t.peak_mb["chain"]), "peak_native_build": median(t.peak_mb["native"]),
+        "peak_chain3": median(peak["plugin"]), "peak_native_compile": median(peak["dbt"]),
+        "manifest_mb": (ctx.prod_state / "manifest.json").stat().st_size / 1e6,
+    }
+    point["setup_ratio"] = point["setup_plugin"] / point["setup_dbt"]
+    point["setup_iso_ratio"] = point["setup_iso_plugin"] / point["setup_iso_dbt"]
+    return point
+
+
+def measure_scaling(ctx: Ctx) -> None:
+    import copy
+
+    for n in [int(x) for x in ctx.args.sizes.split(",")]:
+        sub_args = copy.copy(ctx.args)
+        sub_args.models, sub_args.work_dir = n, ctx.work / f"scale-{n}"
+        log(f"scaling: {n} models")
+        sub = setup(sub_args)
+        point = scale_point(sub)
+        log(f"  {n}: chain/native {point['chain_ratio']:.3f}, set-up {point['setup_ratio']:.3f}, "
+            f"peak chain(3) {point['peak_chain3']:.0f} MB")
+        ctx.scaling.append(point)
+
+
+def scaling_table(points: list[dict]) -> str:
+    ok = lambda cond: "pass" if cond else "**FAIL**"  # noqa: E731
+    lines = [
+        "| models | plain build (s) | native `--defer` (s) | chain (s) | chain / native (≤ 1.00×) "
+        "| set-up in situ: dbt-defer vs dbt (≤ 0.15×) | set-up, loaders only | metadata queries per schema (≤ 1) "
+        "| peak memory: chain build vs native (MB) | peak memory: 3-environment deferred compile vs native (MB) |",
+        "| ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in points:
+        w = p["wall"]
+        lines.append(
+            f"| {p['models']:,} | {w['plain']:.2f} | {w['native']:.2f} | {w['chain']:.2f} "
+            f"| {p['chain_ratio']:.3f}× {ok(p['chain_ratio'] <= 1.0)} "
+            f"| {p['setup_plugin']:.3f}s vs {p['setup_dbt']:.3f}s = {p['setup_ratio']:.3f}× {ok(p['setup_ratio'] <= 0.15)} "
+            f"| {p['setup_iso_plugin']:.3f}s vs {p['setup_iso_dbt']:.3f}s = {p['setup_iso_ratio']:.3f}× "
+            f"| {p['metadata_max']} {ok(p['metadata_max'] <= 1)} "
+            f"| {p['peak_chain_build']:.0f} vs {p['peak_native_build']:.0f} "
+            f"| {p['peak_chain3']:.0f} vs {p['peak_native_compile']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_plot(points: list[dict], path: Path, selected: int) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [p["models"] for p in points]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for key, label, style in (("plain", "plain dbt (no deferral)", "o-"),
+                              ("native", "native --defer --state prod", "s--"),
+                              ("chain", "dbt-defer chain (staging + prod)", "^-")):
+        ax.plot(xs, [p["wall"][key] for p in points], style, label=label)
+    ax.set_xlabel("models in the project")
+    ax.set_ylabel("wall time, median (s)")
+    ax.set_title(f"dbt build of {selected} top-layer models, by project size")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x:,}" for x in xs])
+    ax.set_ylim(0, 1.15 * max(max(p["wall"].values()) for p in points))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 MEASURES = {"inert": measure_inert, "chain": measure_chain, "setup": measure_setup,
             "setup_situ": measure_setup_in_situ,
-            "metadata": measure_metadata, "devloop": measure_devloop}
+            "metadata": measure_metadata, "devloop": measure_devloop, "realistic": measure_realistic,
+            "scaling": measure_scaling}
 
 
 # ---------------------------------------------------------------- report
 
+def wait_for_quiet(ctx: Ctx, name: str) -> None:
+    """Before a measurement: wait (checking every 60 s) until the 1-minute load average is below
+    --quiet-load, for at most --quiet-wait minutes; the outcome goes into the report's notes."""
+    a = ctx.args
+    if not a.quiet_wait:
+        return
+    start = time.monotonic()
+    while os.getloadavg()[0] >= a.quiet_load and time.monotonic() - start < a.quiet_wait * 60:
+        log(f"  waiting for a quiet machine before {name}: load {os.getloadavg()[0]:.2f}")
+        time.sleep(60)
+    load = os.getloadavg()[0]
+    waited = (time.monotonic() - start) / 60
+    quiet = load < a.quiet_load
+    ctx.notes.append(f"{name}: started at 1-minute load {load:.2f} after waiting {waited:.0f} min"
+                     + ("" if quiet else f" (NOT quiet: gave up waiting after {a.quiet_wait} min)"))
+    log(ctx.notes[-1])
+
+
 def report(ctx: Ctx, elapsed: float) -> str:
     a = ctx.args
+    layered = any(r.key in LAYERED or r.key == "inert_vanilla" for r in ctx.rows)
     lines = [
-        f"dbt-defer benchmark — {ctx.project.n_models} models × 10 layers, "
-        f"repeat {a.repeat} (medians), threads {a.threads}, "
-        f"selection {len(ctx.selection())} top-layer models, "
+        (f"dbt-defer benchmark — {ctx.project.n_models} models × 10 layers, "
+         f"selection {len(ctx.selection())} top-layer models, " if layered else "dbt-defer benchmark — ")
+        + f"repeat {a.repeat} (medians), threads {a.threads}, "
         f"{'quick' if a.quick else 'full'} run, {elapsed / 60:.1f} min total, "
-        f"{os.cpu_count()} CPUs, load average at the end "
+        + f"{os.cpu_count()} CPUs, load average at the end "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}",
         "",
         "| measure | budget | measured: dbt-defer vs baseline, median wall (CPU ratio) "
         "| wall ratio | result |",
         "| --- | --- | --- | --- | --- |",
     ]
-    order = ["inert", "inert_vanilla", "chain", "setup", "setup_situ", "metadata", "devloop"]
-    for row in sorted(ctx.rows, key=lambda r: order.index(r.key)):
+    order = ["inert", "inert_vanilla", "chain", "setup", "setup_situ", "metadata", "devloop",
+             "real_duckdb", "real_limit_duckdb", "real_postgres", "real_limit_postgres", "realistic"]
+    for row in sorted(ctx.rows, key=lambda r: order.index(r.key) if r.key in order else len(order)):
         ratio = f"{row.ratio:.3f}×" if row.ratio is not None else "—"
         lines.append(f"| {row.measure} | {row.budget} | {row.measured} | {ratio} | {row.verdict} |")
+    if ctx.scaling:
+        lines += ["", f"Scaling (SPEC §10 item 6): {len(ctx.selection())} top-layer models built in dev, "
+                  f"repeat {a.repeat} (medians); plain = the same selection without deferral (plugin "
+                  "not installed); chain = staging + prod; set-up in situ = DeferSession.start + merge "
+                  "(3 environments: staging, qa, prod) vs dbt's PreviousState + defer_to_manifest "
+                  "(1 environment), timed inside real `dbt compile` runs.", "",
+                  scaling_table(ctx.scaling).rstrip("\n")]
+        if ctx.plot:
+            lines += ["", f"Plot: `{ctx.plot}`."]
+    if ctx.notes:
+        lines += ["", "Notes: " + "; ".join(ctx.notes) + "."]
     lines += ["", f"Machine: {platform.platform()}, Python {platform.python_version()}, "
-              f"dbt-core {dbt_version()}. Command: `python bench/run.py"
-              f"{' --quick' if a.quick else ''}`."]
+              f"dbt-core {dbt_version()}. Command: `python bench/run.py {' '.join(sys.argv[1:])}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -496,6 +806,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--select", type=int, default=40, help="top-layer models selected in "
                     "measures 1, 2 and 4 (default 40)")
+    ap.add_argument("--rows", type=int, default=1_000_000, help="source rows of the real-data "
+                    "project (5b/5c; default 1,000,000)")
+    ap.add_argument("--data-width", type=int, default=4, help="tables per layer of the real-data "
+                    "project (default 4)")
+    ap.add_argument("--data-adapters", default="duckdb,postgres", help="adapters of 5b/5c")
+    ap.add_argument("--sizes", default="1000,5000,20000", help="project sizes of the scaling "
+                    "measurement (default 1000,5000,20000)")
+    ap.add_argument("--quiet-wait", type=float, default=0, help="before each measurement, wait up "
+                    "to this many minutes for the 1-minute load average to drop below --quiet-load")
+    ap.add_argument("--quiet-load", type=float, default=1.5)
     ap.add_argument("--only", help="comma-separated subset of: " + ",".join(MEASURES))
     ap.add_argument("--reuse", action="store_true", help="reuse the generated projects, "
                     "warehouse and prod/staging states of a previous run with the same --models")
@@ -513,12 +833,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    ctx = setup(args)
+    wanted = args.only.split(",") if args.only else list(MEASURES)
+    if set(wanted) & LAYERED:
+        ctx = setup(args)
+    else:  # the real-data and scaling measures make their own projects
+        work = args.work_dir.resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        ctx = Ctx(args, work, project_for(work / "project", args.models), work / "vanilla",
+                  work / "prod-artifacts", work / "staging-artifacts", plugin_status())
     log(f"plugin: {ctx.plugin}")
     if not ctx.plugin["importable"]:
         log("dbt_defer is not installed in this Python: plugin measurements are skipped")
-    wanted = args.only.split(",") if args.only else list(MEASURES)
     for name in wanted:
+        wait_for_quiet(ctx, name)
         log(f"measuring {name}")
         try:
             MEASURES[name](ctx)
@@ -527,6 +854,10 @@ def main(argv: list[str]) -> int:
             label, budget = LABELS[name]
             ctx.rows.append(Row(name, label, budget, "error: " + error_summary(str(exc)),
                                 None, False, {"error": str(exc)}))
+    if ctx.scaling:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if scaling_plot(ctx.scaling, args.out / "scaling.png", len(ctx.selection())):
+            ctx.plot = os.path.relpath(args.out / "scaling.png", REPO)
     table = report(ctx, time.perf_counter() - started)
     print("\n" + table)
     failed = [r.measure for r in ctx.rows if r.passed is False]
@@ -538,6 +869,8 @@ def main(argv: list[str]) -> int:
         "settings": {k: str(v) for k, v in vars(args).items()},
         "plugin": ctx.plugin,
         "rows": [asdict(r) for r in ctx.rows],
+        "scaling": ctx.scaling,
+        "notes": ctx.notes,
     }, indent=1, default=str))
     return 0
 

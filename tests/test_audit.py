@@ -13,6 +13,7 @@ import os
 import random
 import re
 import subprocess
+import time
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import dbt_defer
-from dbt_defer import audit
+from dbt_defer import audit, audit_table
 from dbt_harness import make_project, pg_connect
 from conftest import ADAPTERS, require_adapter
 
@@ -77,6 +78,28 @@ def invocation_id_of_last_run(project) -> str:
     return json.loads((project.target / "run_results.json").read_text())["metadata"]["invocation_id"]
 
 
+def build_times(project, folder: str) -> dict:
+    """unique_id -> execution_time of the nodes an environment's run_results.json records as built."""
+    results = json.loads((project.root / folder / "run_results.json").read_text())["results"]
+    return {r["unique_id"]: r["execution_time"] for r in results if r["status"] == "success"}
+
+
+def expected_savings(project, not_built, chain=("staging", "prod")):
+    """(seconds, environments used): each node's time in the first environment that built it."""
+    times = {env: build_times(project, f"{env}-artifacts") for env in chain}
+    total, used = 0.0, []
+    for node in not_built:
+        env = next(e for e in chain if node in times[e])
+        total += times[env][node]
+        used.append(env)
+    return round(total, 3), [e for e in chain if e in used]
+
+
+def savings_tail(count, seconds, used) -> str:
+    names = used[0] if len(used) == 1 else ", ".join(used[:-1]) + " and " + used[-1]
+    return f"; {count} upstream node{'s' if count != 1 else ''} not rebuilt (~{audit.format_duration(seconds)} of build time in {names})"
+
+
 # --- units (no dbt) ------------------------------------------------------------------------------
 
 
@@ -96,6 +119,34 @@ def test_summary_line_of_the_spec():
         "dbt-defer: 14 refs resolved: dev 3, staging 2, prod 9; 9 limited to 1000 rows"
     )
     assert audit.summary_line(audit.summarize([], ["prod"]), []) == "dbt-defer: 0 refs resolved"
+    summary.update(not_built=37, saved_seconds=872.4)
+    assert audit.summary_line(summary, [r.limit for r in records], ["prod"]) == (
+        "dbt-defer: 14 refs resolved: dev 3, staging 2, prod 9; 9 limited to 1000 rows; "
+        "37 upstream nodes not rebuilt (~14m 32s of build time in prod)"
+    )
+    # no run results anywhere: the count without an estimate
+    summary.update(not_built=1, saved_seconds=None)
+    assert audit.summary_line(summary, [r.limit for r in records]).endswith("rows; 1 upstream node not rebuilt")
+
+
+def test_savings_take_each_node_from_the_first_environment_that_built_it():
+    staging = {"model.p.a": 1.25, "model.p.b": 2.0}
+    prod = {"model.p.a": 100.0, "model.p.b": 200.0, "model.p.c": 3.5}
+    got = audit.savings(["model.p.a", "model.p.c", "model.p.d"], [("staging", staging), ("prod", prod)])
+    assert got == audit.Savings(not_built=3, seconds=4.75, measured_in=("staging", "prod"))
+    got = audit.savings(["model.p.c"], [("staging", staging), ("qa", None), ("prod", prod)])
+    assert got == audit.Savings(1, 3.5, ("prod",))
+    # environments with run results that never built these nodes: 0 seconds, not null
+    assert audit.savings(["model.p.x"], [("staging", staging), ("prod", None)]) == audit.Savings(1, 0.0, ())
+    # no environment has run results: null
+    assert audit.savings(["model.p.a"], [("staging", None), ("prod", None)]) == audit.Savings(1, None, ())
+    assert audit.savings([], []) == audit.Savings(0, None, ())
+
+
+def test_durations_read_like_the_spec():
+    assert [audit.format_duration(s) for s in (0.04, 4.25, 42.4, 59.6, 872.4, 3599.4, 7500)] == [
+        "0.0s", "4.2s", "42s", "1m 00s", "14m 32s", "59m 59s", "2h 05m"
+    ]
 
 
 def test_recorder_keeps_one_record_per_pair_across_threads():
@@ -132,14 +183,14 @@ def test_document_and_table_rows():
     assert [(r["node"], r["ref"], r["cross_environment"]) for r in doc["resolutions"]] == [
         ("model.p.m", "model.p.b", False), ("test.p.t", "model.p.a", True), ("test.p.t", "model.p.b", True),
     ]
-    assert doc["summary"] == {"dev": 1, "prod": 2, "limited": 1}
-    rows = audit.table_rows(doc)
+    assert doc["summary"] == {"dev": 1, "prod": 2, "limited": 1, "not_built": 0, "saved_seconds": None}
+    rows = audit_table.table_rows(doc)
     assert rows[0] == {
         "invocation_id": "i-1", "generated_at": "2026-01-02 03:04:05.123456", "target_name": "dev",
         "command": "build", "node": "model.p.m", "ref": "model.p.b", "env": "prod",
         "relation": '"db"."prod"."model.p.b"', "reason": "deferred", "row_limit": 5, "cross_environment": False,
     }
-    assert [len(b) for b in audit.batches(list(range(1201)))] == [500, 500, 201]
+    assert [len(b) for b in audit_table.batches(list(range(1201)))] == [500, 500, 201]
 
 
 # --- the artifact ------------------------------------------------------------------------------
@@ -216,14 +267,25 @@ def test_artifact_content(build_b):
     assert rel(project, "prod", "model_a") in project.compiled("models/docs_example/model_b.sql")
 
 
+# build -s customers model_b does not build these (dbt build -s +customers +model_b would);
+# int_order_totals, ephemeral, is upstream too but has no relation to build
+NOT_BUILT_B = [uid("model_a"), uid("raw_customers", "seed"), uid("raw_orders", "seed"), uid("stg_customers"),
+               uid("stg_orders")]
+
+
 def test_summary_and_log_lines(build_b):
     project, result = build_b
     doc = project.audit()
-    assert doc["summary"] == {"dev": 4, "staging": 2, "prod": 2, "ephemeral": 1, "limited": 0}
-    assert list(doc["summary"]) == ["dev", "staging", "prod", "ephemeral", "limited"]
+    # staging built the seeds and stg_*, so their times come from staging; model_a only from prod
+    seconds, used = expected_savings(project, NOT_BUILT_B)
+    assert used == ["staging", "prod"] and seconds > 0
+    assert doc["summary"] == {
+        "dev": 4, "staging": 2, "prod": 2, "ephemeral": 1, "limited": 0, "not_built": 5, "saved_seconds": seconds
+    }
+    assert list(doc["summary"]) == ["dev", "staging", "prod", "ephemeral", "limited", "not_built", "saved_seconds"]
 
     info = [m["msg"] for m in ours(result, "info")]
-    assert info == ["dbt-defer: 9 refs resolved: dev 4, staging 2, prod 2, ephemeral 1"]
+    assert info == ["dbt-defer: 9 refs resolved: dev 4, staging 2, prod 2, ephemeral 1" + savings_tail(5, seconds, used)]
     summary_at = max(i for i, m in enumerate(result.messages) if m["msg"] == info[0])
     assert all(not m["msg"].startswith("dbt-defer:") for m in result.messages[summary_at + 1:])
 
@@ -231,6 +293,20 @@ def test_summary_and_log_lines(build_b):
     debug = sorted(m["msg"] for m in ours(result, "debug") if " -> " in m["msg"])
     deferred = [r for r in doc["resolutions"] if r["env"] in ("staging", "prod")]
     assert debug == sorted(f"dbt-defer: {r['node']} -> {r['ref']}: {r['env']} {r['relation']}" for r in deferred)
+
+
+def test_savings_without_run_results_are_null(envs):
+    """An environment given as a manifest alone: the count stays exact, the seconds are null."""
+    folder = envs.root / "prod-manifest-only"
+    folder.mkdir(exist_ok=True)
+    (folder / "manifest.json").write_text((envs.root / "prod-artifacts" / "manifest.json").read_text())
+    result = envs.dbt("compile", "-s", "model_b", env={
+        "DBT_DEFER": "1", "DBT_DEFER_PROD_STATE": "prod-manifest-only", "DBT_DEFER_DEV_RELATIONS": "never"})
+    summary = envs.audit()["summary"]
+    # dbt build -s +model_b would also build model_a, stg_customers and raw_customers
+    assert (summary["not_built"], summary["saved_seconds"]) == (3, None)
+    [line] = [m["msg"] for m in ours(result, "info")]
+    assert line == "dbt-defer: 3 refs resolved: dev 1, prod 2; 3 upstream nodes not rebuilt"
 
 
 def test_cross_environment_test_warns_once(build_b):
@@ -278,7 +354,8 @@ def test_lines_reach_dbt_log(envs):
     envs.dbt("compile", "-s", "model_b", env=NEVER_DEV)
     text = log_file.read_text()
     assert f"dbt-defer: {uid('model_b')} -> {uid('model_a')}: prod {rel(envs, 'prod', 'model_a')}" in text
-    assert "dbt-defer: 3 refs resolved: dev 1, prod 2" in text
+    seconds, used = expected_savings(envs, [uid("model_a"), uid("raw_customers", "seed"), uid("stg_customers")])
+    assert "dbt-defer: 3 refs resolved: dev 1, prod 2" + savings_tail(3, seconds, used) + "\n" in text
 
 
 def test_lines_in_json_log_format(envs):
@@ -299,7 +376,8 @@ def test_lines_in_json_log_format(envs):
     summary = [e for e in stdout if e["data"].get("msg", "").startswith("dbt-defer: 3 refs resolved")]
     assert len(summary) == 1
     assert summary[0]["info"]["level"] == "info" and summary[0]["info"]["name"] == "Note"
-    assert summary[0]["data"]["msg"] == "dbt-defer: 3 refs resolved: dev 1, prod 2"
+    seconds, used = expected_savings(envs, [uid("model_a"), uid("raw_customers", "seed"), uid("stg_customers")])
+    assert summary[0]["data"]["msg"] == "dbt-defer: 3 refs resolved: dev 1, prod 2" + savings_tail(3, seconds, used)
 
     in_file = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
     debug = [e for e in in_file if e["data"].get("msg", "").startswith(f"dbt-defer: {uid('model_b')} -> ")]
@@ -458,6 +536,295 @@ def test_threads_8_one_record_per_edge(adapter, tmp_path):
         deferred = sum(1 for r in records if r["env"] == "prod")
         debug = [m for m in ours(result, "debug") if " -> " in m["msg"]]
         assert len(debug) == deferred
-        assert project.audit()["summary"] == {"dev": len(records) - deferred, "prod": deferred, "limited": 0}
+        # not built: what dbt build -s +tag:work would also have built, as dbt itself lists it
+        listed = lambda sel: set(project.dbt("ls", "-s", sel, "--resource-type", "model", "--output", "json",  # noqa: E731
+                                              "--output-keys", "unique_id").raw)
+        upstream = sorted(json.loads(line)["unique_id"] for line in listed("+tag:work") - listed("tag:work"))
+        assert len(upstream) >= 10
+        seconds, _ = expected_savings(project, upstream, chain=("prod",))
+        assert project.audit()["summary"] == {
+            "dev": len(records) - deferred, "prod": deferred, "limited": 0,
+            "not_built": len(upstream), "saved_seconds": seconds,
+        }
     finally:
         project.drop_schemas()
+
+
+# --- issue 17: the audit never changes the run's outcome, and writes only where it may -----------
+
+
+def add_target(project, name: str, schema: str) -> None:
+    """A profile target like dev, writing into ``schema`` (kept for the module: harmless)."""
+    import yaml
+
+    path = project.root / "profiles.yml"
+    profiles = yaml.safe_load(path.read_text())
+    outputs = profiles[PROJECT]["outputs"]
+    outputs[name] = {**outputs["dev"], "schema": schema}
+    path.write_text(yaml.safe_dump(profiles, sort_keys=False))
+
+
+def schemas(project) -> list:
+    """Every schema of this test project (its prefix), with its relations."""
+    if project.adapter == "postgres":
+        with pg_connect() as conn, conn.cursor() as cur:
+            cur.execute(
+                "select n.nspname, c.relname from pg_namespace n left join pg_class c on c.relnamespace = n.oid "
+                "and c.relkind in ('r', 'v', 'm', 'p', 'f') where n.nspname like %s",
+                (project.schema_prefix + "%",),
+            )
+            rows = cur.fetchall()
+    else:
+        release_duckdb()
+        with __import__("dbt_harness")._duckdb_connect(project.duckdb_path) as con:
+            rows = con.execute(
+                "select s.schema_name, t.table_name from information_schema.schemata s left join "
+                "information_schema.tables t on t.table_schema = s.schema_name where s.schema_name like ?",
+                [project.schema_prefix + "%"],
+            ).fetchall()
+    out: dict = {}
+    for schema, relation in rows:
+        out.setdefault(schema, set())
+        if relation:
+            out[schema].add(relation)
+    return out
+
+
+def test_audit_file_respects_the_umask_like_dbt(tmp_path):
+    doc = {"metadata": {}, "environments": [], "resolutions": [], "summary": {}}
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            path = audit.write_document(doc, str(tmp_path / oct(umask)))
+        finally:
+            os.umask(old)
+        assert os.stat(path).st_mode & 0o777 == mode, oct(os.stat(path).st_mode)
+        assert os.listdir(os.path.dirname(path)) == [audit.AUDIT_FILE], "no temp file left behind"
+
+
+def test_audit_file_has_the_permissions_of_dbts_artifacts(build_b):
+    project, _ = build_b
+    mode = lambda name: (project.target / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("dbt_defer_audit.json") == mode("manifest.json") == mode("run_results.json")
+
+
+def test_unwritable_audit_file_warns_and_the_run_succeeds(envs):
+    """target/dbt_defer_audit.json is a directory: one warning, the summary line, dbt's outcome."""
+    blocker = envs.target / "dbt_defer_audit.json"
+    blocker.unlink(missing_ok=True)
+    blocker.mkdir()
+    try:
+        result = envs.dbt("run", "-s", "model_a", env=ENV)  # asserts success
+        assert result.exception is None and "Traceback" not in result.text()
+        assert result.node_results()[uid("model_a")].status == "success"
+        [warning] = [m["msg"] for m in ours(result, "warn")]
+        assert warning.startswith(f"dbt-defer: could not write the audit file {blocker} (")
+        assert "the run is not affected" in warning and "\n" not in warning
+        assert re.match(r"dbt-defer: 1 ref resolved", ours(result, "info")[-1]["msg"])
+        assert [p.name for p in blocker.iterdir()] == [] and not list(envs.target.glob(".dbt_defer_audit.*"))
+    finally:
+        blocker.rmdir()
+
+
+def test_the_audit_step_never_hides_the_runs_own_exception(monkeypatch):
+    """dbt raises, then writing the audit fails too: the caller sees dbt's exception."""
+    from types import SimpleNamespace
+
+    from dbt_defer import patches, session
+
+    logged = []
+
+    class Boom(Exception):
+        pass
+
+    class FakeSession:
+        merged = True
+
+        def finish(self, error=None):
+            raise OSError("disk on fire")
+
+    task = SimpleNamespace(args=SimpleNamespace(defer=True))
+    monkeypatch.setattr(session, "config_for_task", lambda t: SimpleNamespace(configured=True))
+    monkeypatch.setattr(session.DeferSession, "start", classmethod(lambda cls, t, c: FakeSession()))
+    monkeypatch.setattr(session, "log", lambda msg, level=None: logged.append(msg))
+    monkeypatch.setitem(patches._ORIGINALS, "run", lambda t: (_ for _ in ()).throw(Boom("the run's own error")))
+    with pytest.raises(Boom, match="the run's own error"):
+        patches._run(task)
+    assert logged == ["dbt-defer: the audit step failed (disk on fire); the run is not affected"]
+    assert patches.active_session() is None
+
+    monkeypatch.setitem(patches._ORIGINALS, "run", lambda t: "dbt's result")
+    assert patches._run(task) == "dbt's result"  # and a successful run stays successful
+
+
+def test_refused_run_with_an_unwritable_audit_keeps_its_refusal(envs):
+    blocker = envs.target / "dbt_defer_audit.json"
+    blocker.unlink(missing_ok=True)
+    blocker.mkdir()
+    try:
+        result = envs.dbt("run", "-s", "model_a", "--vars", "{dbt_defer: {never_defer: ['bogus:x']}}",
+                          env=ENV, expect=False)
+        assert type(result.exception).__name__ == "DbtRuntimeError", repr(result.exception)
+        assert "never_defer selector 'bogus:x'" in str(result.exception)
+        assert any(m["msg"].startswith("dbt-defer: could not write the audit file") for m in ours(result, "warn"))
+    finally:
+        blocker.rmdir()
+
+
+@pytest.mark.parametrize(
+    "vars_, line, environments",
+    [
+        ("{dbt_defer: {never_defer: ['bogus:x']}}", "never_defer selector 'bogus:x' is not a valid dbt selector",
+         ["staging", "prod"]),
+        ("{dbt_defer: {limitz: 1}}", "unknown key(s) 'limitz' in vars: dbt_defer", []),
+    ],
+)
+def test_refused_run_replaces_the_previous_audit(envs, vars_, line, environments):
+    envs.dbt("compile", "-s", "model_b", env=ENV)
+    previous = envs.audit()
+    assert previous["resolutions"]
+    result = envs.dbt("run", "-s", "model_b", "--vars", vars_, env=ENV, expect=False)
+    assert line in str(result.exception)
+    doc = envs.audit()
+    meta = doc["metadata"]
+    assert meta["invocation_id"] != previous["metadata"]["invocation_id"]
+    assert meta["status"] == "refused" and meta["command"] == "run"
+    assert meta["error"].startswith("dbt-defer: ") and line in meta["error"] and "\n" not in meta["error"]
+    assert doc["resolutions"] == [] and doc["summary"] == {"limited": 0, "not_built": 0, "saved_seconds": None}
+    assert [e["name"] for e in doc["environments"]] == environments
+    # a refused run says nothing at the end (no summary line)
+    assert not [m for m in ours(result, "info") if "resolved" in m["msg"]]
+
+
+def test_a_run_that_selects_nothing_leaves_no_stale_audit(envs):
+    envs.dbt("compile", "-s", "model_b", env=ENV)
+    previous = envs.audit()
+    envs.dbt("compile", "-s", "tag:no_such_tag", env=ENV)
+    doc = envs.audit()
+    assert doc["metadata"]["invocation_id"] != previous["metadata"]["invocation_id"]
+    assert "status" not in doc["metadata"] and doc["resolutions"] == []
+
+
+def test_explain_writes_nothing_even_with_the_audit_table(envs, capsys):
+    """Explain compiles with deferral on; audit_table: true must not create a schema or a table."""
+    from dbt_harness import _environment
+    from dbt_defer import cli
+
+    fresh = envs.schema("explain")
+    add_target(envs, "explain", fresh)
+    before = schemas(envs)
+    assert fresh not in before
+    capsys.readouterr()
+    with _environment({k: v for k, v in ENV.items() if k != "DBT_DEFER"}):
+        code = cli.main(["explain", "-s", "model_b", "--target", "explain", "--vars", TABLE_VARS,
+                         "--project-dir", str(envs.root), "--profiles-dir", str(envs.root), "--output", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert {(r["node"], r["ref"]) for r in json.loads(out)["resolutions"]} >= {(uid("model_b"), uid("model_a"))}
+    after = schemas(envs)
+    assert fresh not in after
+    assert after == before
+
+
+def test_the_audit_table_is_never_written_into_an_environments_schema(envs):
+    """A dev target pointed at prod's schema: dbt test runs (it writes nothing), and the audit
+    table is not appended into prod's schema: one warning, the run's outcome unchanged."""
+    add_target(envs, "devprod", envs.schema("prod"))
+    before = schemas(envs)
+    assert "dbt_defer_audit" not in before[envs.schema("prod")]
+    result = envs.dbt("test", "-s", "model_a", "--target", "devprod", "--vars", TABLE_VARS, env=ENV)
+    assert result.node_results() and all(r.status == "pass" for r in result.node_results().values())
+    [warning] = [m["msg"] for m in ours(result, "warn") if "audit" in m["msg"]]
+    assert warning.startswith("dbt-defer: not appending the audit to ")
+    assert envs.schema("prod") in warning and "environment 'prod' records relations in that schema" in warning
+    assert schemas(envs) == before
+    assert re.match(r"dbt-defer: \d+ refs? resolved", ours(result, "info")[-1]["msg"])
+    assert envs.audit()["resolutions"], "the file artifact is still written"
+
+
+PG_COLUMNS = (
+    "invocation_id text, generated_at timestamp, target_name text, command text, node text, ref text, "
+    "env text, relation text, reason text, row_limit bigint, cross_environment boolean"
+)
+
+
+def _waiting_on_lock(schema: str) -> bool:
+    with pg_connect() as conn, conn.cursor() as cur:
+        cur.execute(
+            "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and pid <> pg_backend_pid() "
+            "and query like %s",
+            (f"%{schema}%dbt_defer_audit%",),
+        )
+        return cur.fetchone()[0] > 0
+
+
+def test_audit_table_creation_that_loses_a_race_keeps_its_rows(envs):
+    """Another invocation is creating the table (uncommitted) when this run creates it: Postgres
+    blocks this run's create, then fails it with a duplicate key in pg_type once the other
+    commits. The run retries and appends its rows."""
+    if envs.adapter != "postgres":
+        pytest.skip("the race is in Postgres' catalog")
+    import threading
+
+    schema = envs.schema("race")
+    add_target(envs, "race", schema)
+    execute(envs, f'create schema if not exists "{schema}"')
+    other = pg_connect()
+    outcome: dict = {}
+    try:
+        with other.cursor() as cur:  # the other invocation: table created, not committed yet
+            cur.execute(f'create table "{schema}".dbt_defer_audit ({PG_COLUMNS})')
+        runner = threading.Thread(
+            target=lambda: outcome.update(result=envs.dbt(
+                "compile", "-s", "model_b", "--target", "race", "--vars", TABLE_VARS, env=ENV, expect=None)),
+        )
+        runner.start()
+        deadline = time.time() + 180
+        while not _waiting_on_lock(schema):
+            assert runner.is_alive() and time.time() < deadline, "the run never waited on the other creation"
+            time.sleep(0.1)
+        other.commit()
+        runner.join(300)
+    finally:
+        other.close()
+    result = outcome["result"]
+    assert result.success, result.text()
+    assert [m["msg"] for m in ours(result, "warn") if "audit" in m["msg"]] == []
+    doc = envs.audit()
+    rows = envs.query(f'select invocation_id, node, ref, env from "{schema}".dbt_defer_audit')
+    assert sorted(rows) == sorted(
+        (doc["metadata"]["invocation_id"], r["node"], r["ref"], r["env"]) for r in doc["resolutions"]
+    ) and rows
+
+
+def test_concurrent_invocations_creating_the_audit_table_lose_no_rows(envs):
+    """N dbt processes at once, the table not there yet: every invocation's rows are in it."""
+    if envs.adapter != "postgres":
+        pytest.skip("Postgres only (DuckDB allows one writing process)")
+    n = 4
+    schema = envs.schema("crowd")
+    add_target(envs, "crowd", schema)
+    dbt = os.path.join(os.path.dirname(sys.executable), "dbt")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBT_DEFER", "DBT_STATE", "DBT_TARGET"))}
+    env.update(ENV, DBT_SEND_ANONYMOUS_USAGE_STATS="false")
+    envs.dbt("parse", "--target", "crowd")  # a partial-parse file for all of them
+    procs = [
+        subprocess.Popen(
+            [dbt, "compile", "-s", "model_b", "--target", "crowd", "--vars", TABLE_VARS,
+             "--target-path", f"target_crowd_{i}", "--project-dir", str(envs.root), "--profiles-dir", str(envs.root)],
+            env=env, cwd=str(envs.root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(n)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+        assert "could not append the audit" not in output, output[-3000:]
+    expected = []
+    for i in range(n):
+        doc = json.loads((envs.root / f"target_crowd_{i}" / "dbt_defer_audit.json").read_text())
+        assert doc["resolutions"]
+        expected += [(doc["metadata"]["invocation_id"], r["node"], r["ref"]) for r in doc["resolutions"]]
+    rows = envs.query(f'select invocation_id, node, ref from "{schema}".dbt_defer_audit')
+    assert sorted(rows) == sorted(expected)
+    assert len({r[0] for r in rows}) == n

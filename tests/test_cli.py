@@ -51,12 +51,13 @@ def test_help_explains_every_command_with_examples():
     assert SCRIPT.exists(), "console script missing: pip install -e . in the venv"
     main = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True)
     assert main.returncode == 0
-    for word in ("status", "explain", "fetch", "examples:", "DBT_DEFER_PROD_STATE"):
+    for word in ("status", "explain", "fetch", "publish", "examples:", "DBT_DEFER_PROD_STATE"):
         assert word in main.stdout
     for command, words in {
         "status": ("--project-dir", "--profiles-dir", "--target", "--output", "stale", "dbt-defer status"),
         "explain": ("--select", "--target", "--project-dir", "--profiles-dir", "--output", "dbt-defer explain -s"),
         "fetch": ("--force", "--env", "s3://", "dbt-defer fetch"),
+        "publish": ("URI", "--env", "--keep", "--only-success", "latest.json", "versions/", "dbt-defer publish s3://"),
     }.items():
         res = subprocess.run([str(SCRIPT), command, "--help"], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
@@ -233,12 +234,22 @@ def test_explain_as_compile_matches_dbt_compile(envs, capsys):
 
 
 def test_explain_reports_the_write_guard_like_a_build(envs, capsys):
-    """A dev target pointed at the prod schema: the build would be refused, so is the explain."""
+    """A target that does not build prod, pointed at the prod schema (here: target 'prod' while
+    'production' builds prod): the build would be refused, so is the explain."""
     before = warehouse_snapshot(envs)
-    code, _, err = run_cli(capsys, envs, "explain", "-s", "customers", "--target", "prod")
+    settings = '{dbt_defer: {environments: [{name: prod, state: prod-artifacts, target: production}]}}'
+    code, _, err = run_cli(capsys, envs, "explain", "-s", "customers", "--target", "prod", "--vars", settings,
+                           env={"DBT_DEFER_PROD_STATE": "prod-artifacts"})
     assert code == 1
     assert_one_clear_line(err, "refusing to write", "customers")
     assert warehouse_snapshot(envs) == before
+
+
+def test_explain_of_the_target_that_builds_the_last_environment(envs, capsys):
+    """SPEC §3: target prod builds prod, the last of the chain: nothing to defer to, one line."""
+    code, out, err = run_cli(capsys, envs, "explain", "-s", "customers", "--target", "prod")
+    assert code == 0, err
+    assert_one_clear_line(err, "target 'prod' builds environment 'prod'", "nothing to defer to")
 
 
 def test_explain_table_with_limits(envs, capsys):
@@ -255,12 +266,38 @@ def test_explain_table_with_limits(envs, capsys):
     assert "limited to 1000 rows" in out
 
 
-def test_explain_unresolvable_ref_is_one_line(envs, capsys):
+def test_explain_prints_the_savings_estimate(envs, capsys):
+    """The same not_built / saved_seconds and the same summary line as a deferred run."""
+    from test_audit import expected_savings, savings_tail
+
+    upstream = [envs.uid("raw_customers", "seed"), envs.uid("raw_orders", "seed"), envs.uid("stg_customers"),
+                envs.uid("stg_orders")]  # int_order_totals is ephemeral: nothing to build
+    seconds, used = expected_savings(envs, upstream)
+    assert used == ["staging"]
+    code, out, err = run_cli(capsys, envs, "explain", "-s", "customers", "--target", "dev", "--output", "json")
+    assert code == 0, err
+    summary = json.loads(out)["summary"]
+    assert (summary["not_built"], summary["saved_seconds"]) == (4, seconds)
+
+    code, out, err = run_cli(capsys, envs, "explain", "-s", "customers", "--target", "dev", "--as", "compile")
+    assert code == 0, err
+    last = out.rstrip().splitlines()[-1]
+    assert last.endswith(savings_tail(4, seconds, used)), last
+    result = envs.dbt("compile", "-s", "customers", "--target", "dev", env=dict(CHAIN, DBT_DEFER="1"))
+    assert [m["msg"] for m in result.messages if m["level"] == "info" and "refs resolved" in m["msg"]] == [last]
+
+
+def test_explain_unresolvable_ref_is_a_missing_row(envs, capsys):
+    """SPEC §8: a ref found nowhere is a row (env: missing), not an error hiding the others."""
     env = {"DBT_DEFER_STAGING_STATE": "staging-artifacts"}  # staging never built the marts
     before = warehouse_snapshot(envs)
-    code, _, err = run_cli(capsys, envs, "explain", "-s", "customer_report", "--target", "dev", env=env)
-    assert code == 1
-    assert_one_clear_line(err, "customer_report", "exists nowhere")
+    code, out, err = run_cli(capsys, envs, "explain", "-s", "customer_report", "--target", "dev", env=env)
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if "dim_customers.v1" in line)
+    assert "| missing" in row
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 3 and "Traceback" not in err, err  # dim_customers v1, customers, calendar_years
+    assert all(line.startswith("dbt-defer:") and "customer_report" in line and "exists nowhere" in line for line in lines)
     assert warehouse_snapshot(envs) == before
 
 
@@ -321,3 +358,46 @@ def test_fetch_over_http_cache_reuse_auto_fetch_and_unreachable(envs, capsys):
     result = envs.dbt("compile", "-s", "customer_report", "--target-path", "other-target",
                       env=dict(env, DBT_DEFER="1"), expect=False)
     assert "no cached copy" in result.text()
+
+
+# --- control characters (issue 17) -------------------------------------------------------------
+
+
+def test_no_control_character_from_a_manifest_or_path_reaches_the_terminal(envs, capsys, tmp_path):
+    """Values the CLI shows in text (tables, warnings, errors) come from manifests, paths and
+    remotes: their control characters are shown escaped (\\x1b), never emitted."""
+    evil = "\x1b[31m\x1b]0;owned\x07\u202e"
+    state = tmp_path / f"prod{evil}artifacts"
+    state.mkdir()
+    manifest = json.loads((envs.root / "prod-artifacts" / "manifest.json").read_text())
+    manifest["metadata"]["dbt_version"] = f"1.99{evil}"
+    manifest["metadata"]["generated_at"] = "2000-01-01T00:00:00.000000Z"  # stale: a warning with the path
+    (state / "manifest.json").write_text(json.dumps(manifest))
+    env = dict(CHAIN, DBT_DEFER_PROD_STATE=str(state))
+
+    def clean(text: str) -> None:
+        for char in ("\x1b", "\x07", "\u202e"):
+            assert char not in text, repr(text)
+
+    code, out, err = run_cli(capsys, envs, "status", env=env)
+    assert code == 0, err
+    clean(out + err)
+    assert "\\x1b[31m" in out and "1.99" in out and "\\u202e" in out
+
+    code, out, err = run_cli(capsys, envs, "fetch", env=env)
+    assert code == 0, err
+    clean(out + err)
+    assert "\\x1b[31m" in out
+
+    code, out, err = run_cli(capsys, envs, "explain", "-s", "model_b", "--target", "dev", env=env)
+    assert code == 0, err
+    clean(out + err)
+    assert "model_b" in out and "\\x1b[31m" in err  # the stale warning names the path
+
+    code, out, err = run_cli(capsys, envs, "status", env=dict(env, DBT_DEFER_PROD_STATE=str(state) + "-missing"))
+    assert code == 1
+    clean(out + err)
+    assert_one_clear_line(err, "'prod'", "\\x1b[31m")
+
+    code, out, _ = run_cli(capsys, envs, "status", "--output", "json", env=env)
+    assert "\x1b" not in out and json.loads(out)["environments"][1]["dbt_version"] == f"1.99{evil}"

@@ -326,3 +326,63 @@ def test_overlay_settings_cli_vars_win_key_by_key():
     assert overlay_settings(project, {}) == {"limits": {"dev": 10}, "max_age_hours": 5}
     assert overlay_settings({}, None) is None
     assert overlay_settings(None, {"dbt_defer": {"audit_table": True}}) == {"audit_table": True}
+
+
+# --- environment items: unknown keys are errors (issue 17) ---------------------------------
+
+
+def test_typo_in_an_environment_item_is_named_with_the_accepted_keys():
+    """{name: staging, sate: ...} used to drop staging silently (refs then went to prod)."""
+    msg = _error({"environments": [{"name": "staging", "sate": "staging-artifacts"}, {"name": "prod", "state": "p"}]})
+    assert "'sate'" in msg and "item 0" in msg and "'staging'" in msg
+    assert "accepted keys are name, state, target" in msg
+
+
+def test_typo_of_name_is_named_too():
+    msg = _error({"environments": [{"nmae": "staging", "state": "s"}]})
+    assert "'nmae'" in msg and "no usable name" in msg and "accepted keys are name, state, target" in msg
+
+
+def test_several_unknown_keys_and_odd_keys_are_all_named_on_one_line():
+    msg = _error({"environments": [{"name": "prod", "state": "p", "zz": 1, 3: 2, "a\nb": 0, None: 1}]})
+    for key in ("'zz'", "3", "'a\\nb'", "None"):
+        assert key in msg, msg
+
+
+def test_known_environment_keys_are_accepted():
+    cfg = load_config({"environments": [{"name": "prod", "state": "p", "target": "prod"}]}, {}, ROOT)
+    assert names(cfg) == ["prod"]
+
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+_KEYS = ("name", "state", "target")
+_odd_keys = st.one_of(
+    st.text(max_size=12).filter(lambda k: k not in _KEYS),
+    st.sampled_from(["sate", "Name", "STATE", "name ", "targets", "", "\x1b[31m"]),
+    st.integers(), st.booleans(), st.none(),
+)
+
+
+@hsettings(max_examples=200, deadline=None, derandomize=os.environ.get("CI", "").lower() == "true")
+@given(
+    st.lists(st.sampled_from(["staging", "prod", "qa"]), min_size=1, max_size=3, unique=True),
+    st.data(),
+)
+def test_fuzz_any_unknown_key_in_any_item_is_an_error_naming_it(env_names, data):
+    items = [{"name": n, "state": f"{n}-artifacts"} for n in env_names]
+    bad_at = data.draw(st.integers(0, len(items) - 1))
+    key = data.draw(_odd_keys)
+    items[bad_at][key] = data.draw(st.one_of(st.text(max_size=5), st.integers(), st.none()))
+    msg = _error({"environments": items})
+    assert f"item {bad_at}" in msg and repr(key) in msg and "accepted keys are name, state, target" in msg
+
+
+@hsettings(max_examples=200, deadline=None, derandomize=os.environ.get("CI", "").lower() == "true")
+@given(st.lists(st.fixed_dictionaries({"name": st.sampled_from(["staging", "prod", "qa", "ci"])},
+                                      optional={"state": st.text(min_size=1, max_size=8).filter(str.strip),
+                                                "target": st.text(max_size=8)}),
+                max_size=4, unique_by=lambda d: d["name"]))
+def test_fuzz_items_with_known_keys_only_never_fail_on_keys(items):
+    cfg = load_config({"environments": items}, {}, ROOT)
+    assert names(cfg) == [i["name"] for i in items if i.get("state", "").strip()]

@@ -203,6 +203,7 @@ run_results_like = st.one_of(
             st.lists(st.fixed_dictionaries({}, optional={
                 "unique_id": st.one_of(st.text(max_size=10), json_values),
                 "status": st.one_of(st.sampled_from(["success", "error", "fail", "skipped", "runtime error"]), json_values),
+                "execution_time": st.one_of(st.floats(), st.integers(), json_values),
             }), max_size=3),
             json_values,
         )
@@ -224,6 +225,8 @@ def check_loaded(loaded, path: str) -> None:
         assert isinstance(node.identifier, str)
     for status in loaded.bad_status.values():
         assert status.lower() in ("error", "fail", "skipped", "runtime error")
+    for seconds in loaded.build_seconds.values():  # what saved_seconds sums
+        assert isinstance(seconds, float) and math.isfinite(seconds) and seconds >= 0
     # what the session and `dbt-defer status` then do with it
     age = loaded.age_hours(datetime(2030, 1, 1, tzinfo=timezone.utc))
     assert age is None or age >= 0

@@ -245,15 +245,16 @@ def test_a_different_uri_does_not_reuse_another_copy(tmp_path):
     assert "2024-01-02" in (Path(result.local) / "manifest.json").read_text()
 
 
-def test_missing_implementation_names_the_extra(tmp_path):
+@pytest.mark.parametrize("module, uri, extra", [("s3fs", "s3://bucket/dbt/prod", "s3"), ("gcsfs", "gs://bucket/dbt/prod", "gcs")])
+def test_missing_implementation_names_the_extra(tmp_path, module, uri, extra):
     try:
-        import s3fs  # noqa: F401
+        __import__(module)
     except ImportError:
         pass
     else:
-        pytest.skip("s3fs is installed")
-    with pytest.raises(ManifestError, match=r'pip install "dbt-defer\[s3\]"'):
-        remote.fetch(spec("s3://bucket/dbt/prod"), str(tmp_path / "target"))
+        pytest.skip(f"{module} is installed")
+    with pytest.raises(ManifestError, match=rf'pip install "dbt-defer\[{extra}\]"'):
+        remote.fetch(spec(uri), str(tmp_path / "target"))
 
 
 def test_unknown_protocol(tmp_path):

@@ -3,13 +3,14 @@ staleness and run_results, each through real dbt.
 
 Every refusal is checked three ways: the outcome (dbtRunner's success flag and exception, and once
 the process exit code), the one message line (environment, path, what is wrong, the fix; no
-traceback), and that nothing was written (the relations of every schema, the protected data, and
-the audit file are unchanged).
+traceback), and that nothing was written (the relations of every schema and the protected data are
+unchanged; the audit file, if any, says the run was refused).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -32,12 +33,9 @@ SCHEMAS = ("dev", "staging", "prod")
 
 
 def snapshot(project) -> dict:
-    """Everything a refused run must leave alone: relations of every schema, the audit file."""
-    audit = project.target / "dbt_defer_audit.json"
-    return {
-        "relations": {env: project.list_relations(env) for env in SCHEMAS},
-        "audit": audit.read_bytes() if audit.exists() else None,
-    }
+    """Everything a refused run must leave alone: relations of every schema. (The audit file is
+    replaced by a refused one, so that no stale audit looks current: checked by refused().)"""
+    return {"relations": {env: project.list_relations(env) for env in SCHEMAS}}
 
 
 def defer_line(result) -> str:
@@ -55,6 +53,10 @@ def refused(project, *args, env, **kw):
     assert type(result.exception).__name__ == "DbtRuntimeError", repr(result.exception)
     assert "Traceback" not in result.text()
     assert not result.node_results(), "a node ran"
+    audit = project.target / "dbt_defer_audit.json"
+    if audit.exists():  # the previous invocation's audit does not survive, looking current
+        doc = json.loads(audit.read_text())
+        assert doc["metadata"]["status"] == "refused" and doc["resolutions"] == [], doc["metadata"]
     return result
 
 
@@ -92,25 +94,44 @@ def prod_rows(project, name: str) -> list:
 # --- 1. write guard (DuckDB and Postgres) -------------------------------------------------
 
 
-def test_write_guard_stops_a_run_with_the_prod_target(envs, restore):
-    """DBT_DEFER=1 left set in a production job: the seed (changed, so a write would show) stays."""
+def refused_nodes(project, *args, env, **kw):
+    """Run dbt expecting the guard to fail nodes before they execute (SPEC §7): the run fails,
+    without a traceback; returns {unique_id: message} of the refused nodes."""
+    result = project.dbt(*args, env=env, expect=False, **kw)
+    assert result.exception is None, result.exception
+    assert "Traceback" not in result.text()
+    return result, {
+        uid: str(r.message) for uid, r in result.node_results().items()
+        if "dbt-defer: refusing to write" in str(r.message or "")
+    }
+
+
+PROD_BUILT_BY_PRODUCTION = json.dumps({"dbt_defer": {"environments": [
+    {"name": "prod", "state": "prod-artifacts", "target": "production"}]}})
+
+
+def test_write_guard_fails_the_nodes_of_a_target_that_does_not_build_prod(envs, restore):
+    """Target 'prod' here is not the target that builds environment prod ('production'): its
+    writes into prod's relations are refused, node by node; the seed (changed) stays."""
     customers = envs.read("seeds/raw_customers.csv")
     restore("seeds/raw_customers.csv", customers + "6,Katherine,Johnson,katherine@example.com\n")
     before, raw_before, customers_before = snapshot(envs), prod_rows(envs, "raw_customers"), prod_rows(envs, "customers")
     assert len(raw_before) == 5
 
-    result = refused(envs, "seed", "--target", "prod", env=PROD_ONLY)
-    line = defer_line(result)
+    result, refused = refused_nodes(envs, "seed", "--target", "prod", "--vars", PROD_BUILT_BY_PRODUCTION,
+                                    env={"DBT_DEFER": "1"})
+    assert set(refused) == {envs.uid("raw_customers", "seed"), envs.uid("raw_orders", "seed")}
+    line = refused[envs.uid("raw_customers", "seed")]
     assert "refusing to write seed.dbt_defer_integration_tests.raw_customers" in line
     assert qualified(envs, "prod", "raw_customers") in line.lower()
-    assert "environment 'prod'" in line and "DBT_DEFER_PROD_STATE=" in line
-    assert "1 more selected node" in line  # raw_orders
-    assert "Nothing was written" in line
+    assert "environment 'prod'" in line and "Nothing was written" in line
 
-    result = refused(envs, "build", "--target", "prod", env=PROD_ONLY)
-    assert "refusing to write" in defer_line(result)
+    result, refused = refused_nodes(envs, "build", "--target", "prod", "--vars", PROD_BUILT_BY_PRODUCTION,
+                                    env={"DBT_DEFER": "1"})
+    statuses = {str(r.status) for uid, r in result.node_results().items() if uid not in refused}
+    assert refused and statuses <= {"skipped"}, statuses  # everything else depends on a refused seed
 
-    assert snapshot(envs) == before
+    assert snapshot(envs)["relations"] == before["relations"]
     assert prod_rows(envs, "raw_customers") == raw_before
     assert prod_rows(envs, "customers") == customers_before
 
@@ -123,15 +144,15 @@ def test_write_guard_stops_a_dev_profile_pointed_at_the_prod_schema(envs, restor
     before, rows_before = snapshot(envs), prod_rows(envs, "customers")
 
     for command in (("run", "-s", "customers"), ("build", "-s", "customers"), ("snapshot",)):
-        result = refused(envs, *command, env=CHAIN)
-        line = defer_line(result)
-        assert "refusing to write" in line
-        assert "environment 'prod'" in line
-        assert prod_schema in line
+        result, refused = refused_nodes(envs, *command, env=CHAIN)
+        assert refused, result.text()
+        for line in refused.values():
+            assert "environment 'prod'" in line and prod_schema in line
 
-    line = defer_line(refused(envs, "run", "-s", "customers", env=CHAIN))
+    _, refused = refused_nodes(envs, "run", "-s", "customers", env=CHAIN)
+    line = refused[envs.uid("customers")]
     assert f"refusing to write model.dbt_defer_integration_tests.customers into {qualified(envs, 'prod', 'customers')}" in line.lower()
-    assert snapshot(envs) == before
+    assert snapshot(envs)["relations"] == before["relations"]
     assert prod_rows(envs, "customers") == rows_before
 
 
@@ -141,55 +162,69 @@ def test_write_guard_leaves_read_only_commands_alone(envs):
     assert snapshot(envs)["relations"] == before
 
 
-def test_write_guard_exit_code_of_the_cli(envs):
-    """The real process: exit code 2 (dbt's error exit), one line, no Python traceback."""
+def test_write_guard_exit_code_of_the_cli(envs, restore):
+    """The real process: dbt's exit codes, no Python traceback."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DBT_")}
-    environ.update(PROD_ONLY, DBT_SEND_ANONYMOUS_USAGE_STATS="false")
+    environ.update(CHAIN, DBT_SEND_ANONYMOUS_USAGE_STATS="false")
     if envs.adapter == "duckdb":
         # the in-process test runs hold DuckDB's file lock; this process must not need the warehouse
         environ["DBT_DEFER_PROD_STATE"] = str(envs.root / "no-such-folder")
-        expected = "does not exist"
+        expected, code = "does not exist", 2
     else:
-        expected = "refusing to write"
+        profiles = envs.read("profiles.yml")
+        restore("profiles.yml", profiles.replace(f"schema: {envs.schema('dev')}\n", f"schema: {envs.schema('prod')}\n", 1))
+        expected, code = "refusing to write", 1  # a node failed: dbt's exit code 1
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "dbt"), "run", "--target", "prod",
+        [str(Path(sys.executable).parent / "dbt"), "run", "-s", "customers",
          "--project-dir", str(envs.root), "--profiles-dir", str(envs.root)],
         env=environ, capture_output=True, text=True, timeout=300,
     )
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out
+    assert proc.returncode == code, out
     assert "Traceback" not in out
-    assert sum("dbt-defer:" in line for line in out.splitlines()) == 1, out
     assert expected in out
 
 
-def _env(name, nodes):
-    manifest = SimpleNamespace(nodes={
-        uid: SimpleNamespace(unique_id=uid, location=loc, materialized=mat) for uid, (loc, mat) in nodes.items()
-    })
+def _env(name, relations):
+    manifest = SimpleNamespace(relations=relations)
     return SimpleNamespace(name=name, manifest=manifest, spec=EnvironmentSpec(name, f"/{name}", "vars"))
 
 
-def _node(uid, database, schema, alias, ephemeral=False, resource_type="model"):
+def _node(uid, database, schema, alias, ephemeral=False, resource_type="model", **config):
     return SimpleNamespace(
         unique_id=uid, database=database, schema=schema, alias=alias, name=alias,
-        resource_type=resource_type, is_ephemeral_model=ephemeral,
+        resource_type=resource_type, is_ephemeral_model=ephemeral, config=SimpleNamespace(**config),
     )
 
 
-def test_check_writes_unit():
-    prod = _env("prod", {"model.p.a": (("db", "prod", "a"), "table"), "model.p.e": (("db", "prod", "e"), "ephemeral")})
+def test_write_clashes_unit():
+    prod = _env("prod", {("db", "prod", "a"): "model.p.a", (None, "prod", "src"): "source.p.raw.src",
+                         ("db", "prod_dbt_test__audit", "t"): "test.p.t"})
     dev = SimpleNamespace(nodes={
         "model.p.a": _node("model.p.a", "db", "dev", "a"),
         "model.p.x": _node("model.p.x", "DB", "PROD", "A"),  # another node aliased onto prod's table
-        "model.p.e": _node("model.p.e", "db", "prod", "e"),  # prod's ephemeral has no relation
         "model.p.eph": _node("model.p.eph", "db", "prod", "a", ephemeral=True),
-        "test.p.t": _node("test.p.t", "db", "prod", "a", resource_type="test"),
+        "model.p.src": _node("model.p.src", "db", "prod", "src"),  # onto a source; no database there
+        "test.p.t": _node("test.p.t", "db", "prod_dbt_test__audit", "t", resource_type="test"),  # stores no failures
+        "test.p.s": _node("test.p.s", "db", "prod_dbt_test__audit", "t", resource_type="test", store_failures=True),
+        "snapshot.p.legacy": _node("snapshot.p.legacy", "db", "snaps", "legacy", resource_type="snapshot",
+                                   target_schema="snaps"),
     })
-    guard.check_writes(["model.p.a", "model.p.e", "model.p.eph", "test.p.t"], dev, [prod])
-    with pytest.raises(guard.GuardError, match=r"refusing to write model\.p\.x into DB\.PROD\.A: environment 'prod' .* for model\.p\.a"):
-        guard.check_writes(["model.p.a", "model.p.x"], dev, [prod])
-    guard.check_writes(["model.p.x"], dev, [])
+    prod.manifest.relations[("db", "snaps", "legacy")] = "snapshot.p.legacy"
+    refused, shared = guard.write_clashes(
+        ["model.p.a", "model.p.eph", "test.p.t", "model.p.x", "model.p.src", "test.p.s", "snapshot.p.legacy"],
+        dev, [prod], default_database="db", target_schema="dev")
+    assert sorted(refused) == ["model.p.src", "model.p.x", "test.p.s"]
+    assert re.search(r"refusing to write model\.p\.x into DB\.PROD\.A: environment 'prod' .* for model\.p\.a", refused["model.p.x"])
+    assert "for source.p.raw.src" in refused["model.p.src"]
+    assert list(shared) == ["snapshot.p.legacy"]
+    # the same snapshot written by a target whose schema is that schema is refused
+    refused, shared = guard.write_clashes(["snapshot.p.legacy"], dev, [prod], default_database="db", target_schema="snaps")
+    assert list(refused) == ["snapshot.p.legacy"] and not shared
+    # --store-failures makes every test store; a test-level store_failures: false wins
+    refused, _ = guard.write_clashes(["test.p.t"], dev, [prod], default_database="db", store_failures=True)
+    assert list(refused) == ["test.p.t"]
+    assert guard.write_clashes(["model.p.x"], dev, [], default_database="db") == ({}, {})
 
 
 # --- 2. never_defer / meta dbt_defer.defer: false ------------------------------------------

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
 import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -17,6 +18,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from dbt_defer.config import DEV
 
 AUDIT_FILE = "dbt_defer_audit.json"
+# metadata.status, present only when an invocation did not complete: "refused" (stopped before
+# resolving any ref; no resolutions) or "failed" (dbt raised while resolving; the records so far)
+REFUSED, FAILED = "refused", "failed"
 
 
 @dataclass(frozen=True)
@@ -72,20 +76,70 @@ def cross_environment_tests(records: Iterable[Record]) -> Dict[str, List[str]]:
     return {node: sorted(e) for node, e in envs.items() if len(e) > 1}
 
 
-def summarize(records: Sequence[Record], env_order: Sequence[str]) -> Dict[str, int]:
+def summarize(records: Sequence[Record], env_order: Sequence[str], current: str = DEV) -> Dict[str, Any]:
+    """Counts by env: the current target first, then the chain in order, ephemeral, the rest."""
     counts: Dict[str, int] = {}
     for r in records:
         counts[r.env] = counts.get(r.env, 0) + 1
-    order = [DEV, *env_order, "ephemeral"]
-    summary = {name: counts.pop(name) for name in order if name in counts}
+    order = [current, *env_order, "ephemeral"]
+    summary: Dict[str, Any] = {name: counts.pop(name) for name in order if name in counts}
     summary.update(sorted(counts.items()))
     summary["limited"] = sum(1 for r in records if r.limit is not None)
     return summary
 
 
-def summary_line(summary: Dict[str, int], limits: Iterable[Optional[int]]) -> str:
-    total = sum(v for k, v in summary.items() if k != "limited")
-    parts = ", ".join(f"{k} {v}" for k, v in summary.items() if k != "limited")
+NOT_COUNTED = ("limited", "not_built", "saved_seconds")  # summary keys that are not environments
+
+
+@dataclass(frozen=True)
+class Savings:
+    """What the run did not build (SPEC §5): the upstream nodes it did not select, and their
+    build time in the chain (``seconds`` None: no environment of the chain has run results)."""
+
+    not_built: int = 0
+    seconds: Optional[float] = None
+    measured_in: Tuple[str, ...] = ()  # the environments the seconds come from, in chain order
+
+
+def savings(not_built: Iterable[str], run_times: Sequence[Tuple[str, Optional[Dict[str, float]]]]) -> Savings:
+    """Sum, per node, its execution_time in the first environment whose run results record it
+    as built. ``run_times``: (environment name, unique_id -> seconds, or None when that
+    environment has no run_results.json), in chain order."""
+    nodes = list(not_built)
+    if all(times is None for _, times in run_times):
+        return Savings(len(nodes), None, ())
+    total, used = 0.0, set()
+    for uid in nodes:
+        for name, times in run_times:
+            if times is not None and uid in times:
+                total += times[uid]
+                used.add(name)
+                break
+    return Savings(len(nodes), round(total, 3), tuple(n for n, _ in run_times if n in used))
+
+
+def format_duration(seconds: float) -> str:
+    """'4.2s' / '42s' / '14m 32s' / '2h 05m'."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(round(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+
+
+def _names(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def summary_line(summary: Dict[str, Any], limits: Iterable[Optional[int]], measured_in: Sequence[str] = ()) -> str:
+    """The info line at the end of a deferred run (SPEC §5). ``measured_in``: the environments
+    the saved seconds come from (``Savings.measured_in``)."""
+    envs = {k: v for k, v in summary.items() if k not in NOT_COUNTED}
+    total = sum(envs.values())
+    parts = ", ".join(f"{k} {v}" for k, v in envs.items())
     line = f"dbt-defer: {total} ref{'s' if total != 1 else ''} resolved"
     if parts:
         line += f": {parts}"
@@ -93,6 +147,12 @@ def summary_line(summary: Dict[str, int], limits: Iterable[Optional[int]]) -> st
         sizes = sorted({n for n in limits if n is not None})
         rows = "/".join(str(n) for n in sizes)
         line += f"; {summary['limited']} limited to {rows} rows"
+    not_built = summary.get("not_built") or 0
+    if not_built:
+        line += f"; {not_built} upstream node{'s' if not_built != 1 else ''} not rebuilt"
+        seconds = summary.get("saved_seconds")
+        if seconds is not None and measured_in:
+            line += f" (~{format_duration(seconds)} of build time in {_names(list(measured_in))})"
     return line
 
 
@@ -101,67 +161,65 @@ def build_document(
     *,
     metadata: Dict[str, Any],
     environments: List[Dict[str, Any]],
+    saved: Savings = Savings(),
 ) -> Dict[str, Any]:
     crossed = cross_environment_tests(records)
+    summary = summarize(records, [e["name"] for e in environments], metadata.get("target") or DEV)
+    summary["not_built"] = saved.not_built
+    summary["saved_seconds"] = saved.seconds
     return {
         "metadata": metadata,
         "environments": environments,
         "resolutions": [r.as_dict(r.node in crossed) for r in records],
-        "summary": summarize(records, [e["name"] for e in environments]),
+        "summary": summary,
     }
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as one line for the audit and the warnings: dbt-defer's own line when there is
+    one, else the first meaningful line without dbt's generic headers ("Database Error", ...)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    ours = [line[line.find("dbt-defer:"):] for line in lines if "dbt-defer:" in line]
+    if ours:
+        return ours[0]
+    kept = [line for line in lines if not _ERROR_HEADER.match(line)] or lines
+    return kept[0] if kept else type(exc).__name__
+
+
+_ERROR_HEADER = re.compile(r"^((Database|Runtime|Compilation|Internal|Parsing|Dbt\w*) ?Error( in .*)?|Encountered an error):?$")
+
+
 def write_document(document: Dict[str, Any], target_path: str) -> str:
-    """Write atomically (temp file + rename): a reader never sees half a file."""
+    """Write atomically (temp file + rename): a reader never sees half a file.
+
+    The file gets the permissions dbt's own artifacts get (0666 less the process umask): the
+    temp file is created with ``os.open(..., 0o666)``, which the umask applies to, where
+    ``tempfile.mkstemp`` would force 0600.
+    """
     os.makedirs(target_path, exist_ok=True)
     path = os.path.join(target_path, AUDIT_FILE)
-    fd, tmp = tempfile.mkstemp(prefix=".dbt_defer_audit.", suffix=".json", dir=target_path)
+    data = (json.dumps(document, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(target_path, f".dbt_defer_audit.{os.getpid()}.{secrets.token_hex(6)}.json")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+    else:  # pragma: no cover
+        raise FileExistsError(f"no free temporary name in {target_path}")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(document, fh, indent=2, sort_keys=False)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
     return path
-
-
-TABLE_NAME = "dbt_defer_audit"
-TABLE_BATCH = 500  # rows per insert statement
-
-
-def table_rows(document: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The rows appended to the warehouse audit table: one per resolution, plus the invocation.
-
-    ``generated_at`` is the artifact's metadata.generated_at as a UTC timestamp without zone
-    ('YYYY-MM-DD HH:MM:SS.ffffff'), which every warehouse casts to its timestamp type.
-    """
-    meta = document["metadata"]
-    generated_at = str(meta.get("generated_at") or "").replace("T", " ").rstrip("Z")
-    rows = []
-    for r in document["resolutions"]:
-        rows.append(
-            {
-                "invocation_id": meta.get("invocation_id"),
-                "generated_at": generated_at,
-                "target_name": meta.get("target"),
-                "command": meta.get("command"),
-                "node": r["node"],
-                "ref": r["ref"],
-                "env": r["env"],
-                "relation": r["relation"],
-                "reason": r["reason"],
-                "row_limit": r["limit"],
-                "cross_environment": bool(r.get("cross_environment")),
-            }
-        )
-    return rows
-
-
-def batches(rows: Sequence[Any], size: int = TABLE_BATCH) -> List[Sequence[Any]]:
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 def now_iso() -> str:

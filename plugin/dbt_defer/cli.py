@@ -1,7 +1,7 @@
-"""The ``dbt-defer`` command line: status, explain, fetch (SPEC §8).
+"""The ``dbt-defer`` command line: status, explain, fetch, publish (SPEC §8).
 
-The CLI sits on top of the package: it imports config, manifests, guard and remote, and none
-of them imports it. Configuration is read as a deferred dbt run reads it
+The CLI sits on top of the package: it imports config, manifests, guard, remote and publish,
+and none of them imports it. Configuration is read as a deferred dbt run reads it
 (``session.config_for_task``): ``vars: dbt_defer`` from the project's dbt_project.yml,
 overlaid by ``--vars``, then the ``DBT_DEFER_*`` environment variables, then
 ``--defer-state``/``--state`` (or ``DBT_DEFER_STATE``/``DBT_STATE``).
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from dbt_defer import __version__
+from dbt_defer import __version__, limits
 from dbt_defer.config import DeferConfig, DeferConfigError, EnvironmentSpec, load_config, overlay_settings, truthy
 
 AUDIT_FILE = "dbt_defer_audit.json"
@@ -67,8 +67,8 @@ class ProjectContext:
         raw = _render_simple(str(raw), self.cli_vars)
         return os.path.normpath(raw if os.path.isabs(raw) else os.path.join(self.root, raw))
 
-    def _default_target(self) -> Optional[str]:
-        """The profile's default target (only to say which limit applies); None when unknown."""
+    def _profile(self) -> Dict[str, Any]:
+        """The project's profile in profiles.yml (unrendered); {} when unknown or unreadable."""
         profile = self.project.get("profile")
         folder = self.args.profiles_dir or os.environ.get("DBT_PROFILES_DIR")
         if not folder:
@@ -77,10 +77,19 @@ class ProjectContext:
             import yaml
 
             with open(os.path.join(folder, "profiles.yml"), encoding="utf-8") as fh:
-                profiles = yaml.safe_load(fh) or {}
-            target = profiles.get(profile, {}).get("target")
+                found = (yaml.safe_load(fh) or {}).get(profile, {})
         except Exception:
-            return None
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def profile_targets(self) -> List[str]:
+        """The targets (outputs) of the project's profile; [] when unknown."""
+        outputs = self._profile().get("outputs")
+        return [str(name) for name in outputs] if isinstance(outputs, dict) else []
+
+    def _default_target(self) -> Optional[str]:
+        """The profile's default target (only to say which limit applies); None when unknown."""
+        target = self._profile().get("target")
         if not isinstance(target, str):
             return None
         return _render_simple(target, self.cli_vars) if "{{" in target else target
@@ -166,11 +175,28 @@ def _render_simple(value: str, cli_vars: Dict[str, Any]) -> str:
 # --- output --------------------------------------------------------------------------------
 
 
+# C0 and C1 control characters (ESC starts a terminal escape sequence), DEL, and the Unicode
+# direction overrides that reorder what a terminal shows
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(value: Any) -> str:
+    """A value as the CLI prints it in text: every control character escaped (``\\x1b``), so
+    nothing from a manifest, a path or a remote can drive the terminal. JSON output escapes
+    them by itself."""
+    text = str(value)
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1] if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
+
+
+def _say(text: Any, file=None) -> None:
+    print(shown(text), file=file or sys.stdout)
+
+
 def _print_table(columns: Sequence[str], rows: List[Sequence[Any]], out=None) -> None:
     import agate
 
     out = out or sys.stdout
-    text_rows = [["-" if v is None or v == "" else str(v) for v in row] for row in rows]
+    text_rows = [["-" if v is None or v == "" else shown(v) for v in row] for row in rows]
     table = agate.Table(text_rows, list(columns), [agate.Text()] * len(columns))
     table.print_table(max_rows=None, max_columns=None, max_column_width=120, output=out)
 
@@ -187,7 +213,7 @@ def _age(hours: Optional[float]) -> Optional[str]:
 
 
 def _warn(message: str) -> None:
-    print(message, file=sys.stderr)
+    _say(message, sys.stderr)
 
 
 # --- status --------------------------------------------------------------------------------
@@ -240,6 +266,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "stale": None,
             "usable": False,
             "problem": None,
+            "published": None,
         }
         try:
             manifest, path = _load_env(ctx, spec)
@@ -248,6 +275,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             problems.append(str(exc))
         else:
             age = manifest.age_hours()
+            row["published"] = _published(ctx, spec)
             row.update(
                 manifest=path,
                 generated_at=manifest.generated_at,
@@ -260,6 +288,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         envs.append(row)
 
     applies, limit = cfg.limit_for_target(ctx.target_name or "")
+    targets = ctx.profile_targets()
+    unknown = limits.unknown_targets(cfg.limits, targets) if targets else []
+    limits_warning = (
+        limits.unknown_targets_warning(unknown, str(ctx.project.get("profile")), targets) if unknown else None
+    )
     document = {
         "project": ctx.name,
         "project_dir": ctx.root,
@@ -269,6 +302,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "dev_relations": cfg.dev_relations,
         "dev_relations_source": cfg.dev_relations_source,
         "limit": limit if applies else None,
+        "unknown_limit_targets": unknown,
         "environments": envs,
         "usable": not problems and bool(envs),
     }
@@ -290,18 +324,20 @@ def cmd_status(args: argparse.Namespace) -> int:
                     e["dbt_version"],
                     e["nodes"],
                     stale,
+                    _published_text(e["published"]),
                     "ok" if e["usable"] else "UNUSABLE",
                 ]
             )
-        print(f"dbt-defer chain for project {ctx.name!r}: dev (the current target) first, then:")
+        _say(f"dbt-defer chain for project {ctx.name!r}: dev (the current target) first, then:")
         _print_table(
-            ["name", "source", "configured by", "generated_at", "age", "dbt version", "nodes", "stale", "usable"],
+            ["name", "source", "configured by", "generated_at", "age", "dbt version", "nodes", "stale",
+             "published (invocation, age)", "usable"],
             rows,
         )
         limit_text = (
             f"{limit} rows" if applies and limit is not None else ("none" if applies else "none")
         )
-        print(
+        _say(
             f"dev relations: {cfg.dev_relations} ({cfg.dev_relations_source}); "
             f"max_age_hours: {cfg.max_age_hours:g}; "
             f"limit for target {ctx.target_name or '(unknown)'}: {limit_text}"
@@ -313,9 +349,39 @@ def cmd_status(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if limits_warning:
+        print(limits_warning, file=sys.stderr)
     for problem in problems:
-        print(problem, file=sys.stderr)
+        _say(problem, sys.stderr)
     return 1 if problems else 0
+
+
+def _published(ctx: ProjectContext, spec: EnvironmentSpec) -> Optional[Dict[str, Any]]:
+    """The publish pointer a URI environment's state was read through (dbt-defer publish), if any."""
+    if not spec.is_uri:
+        return None
+    from dbt_defer import remote
+    from dbt_defer.manifests import parse_timestamp
+
+    published = remote.published_version(str((remote.cached_meta(ctx.target_path, spec.name) or {}).get("uri") or ""))
+    if published is None:
+        return None
+    out: Dict[str, Any] = dict(published)
+    when = parse_timestamp(published["published_at"])
+    if when is not None:
+        from datetime import datetime, timezone
+
+        out["age_hours"] = round(max(0.0, (datetime.now(timezone.utc) - when).total_seconds() / 3600.0), 2)
+    else:
+        out["age_hours"] = None
+    return out
+
+
+def _published_text(published: Optional[Dict[str, Any]]) -> Optional[str]:
+    if not published:
+        return None
+    age = _age(published.get("age_hours"))
+    return f"{published.get('invocation_id') or '?'} ({age + ' ago' if age else 'age unknown'})"
 
 
 # --- explain -------------------------------------------------------------------------------
@@ -366,8 +432,9 @@ def _seed_scratch(ctx: ProjectContext, scratch: str) -> None:
         shutil.copytree(cache, os.path.join(scratch, remote.CACHE_DIR))
 
 
-def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Dict[str, Any]:
-    """Compile the selection with deferral on into a scratch target path; return the audit."""
+def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Tuple[Dict[str, Any], Optional[str]]:
+    """Compile the selection with deferral on into a scratch target path; return the audit and
+    the summary line the deferred compile logged (the same line a deferred run ends with)."""
     from dbt.cli.main import dbtRunner
 
     if not ctx.cfg.configured:
@@ -414,7 +481,8 @@ def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Dict[str, Any]
             argv += ["--favor-state"]
         if args.threads:
             argv += ["--threads", str(args.threads)]
-        with _env({"DBT_DEFER": "1", "DBT_DEFER_COMPILE_AS": args.as_command}):
+        # DBT_DEFER_EXPLAIN: this compile writes nothing in the warehouse (no audit table)
+        with _env({"DBT_DEFER": "1", "DBT_DEFER_COMPILE_AS": args.as_command, "DBT_DEFER_EXPLAIN": "1"}):
             result = dbtRunner(callbacks=[collect]).invoke(argv)
 
         warnings = [m for (_, level, m) in events if level == "warn" and m.startswith("dbt-defer:")]
@@ -429,22 +497,30 @@ def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Dict[str, Any]
                 text = ours[0]
                 raise CliError(_first_line(text[text.find("dbt-defer:"):]))
             raise CliError(f"dbt-defer: dbt compile failed: {_one_line(errors[0] if errors else '')}")
+        if any(name in ("NoNodesSelected", "NothingToDo") or "Nothing to do" in msg for (name, _, msg) in events):
+            raise CliError("dbt-defer: the selection matched no node; check -s/--select")
         audit_path = os.path.join(scratch, AUDIT_FILE)
+        plain = [m for (_, _, m) in events if m.startswith("dbt-defer:") and "nothing to defer to" in m]
+        if plain and not os.path.isfile(audit_path):  # the target builds the chain's last environment
+            raise CliError(_first_line(plain[0]), 0)
         if not os.path.isfile(audit_path):
-            if any("NoNodesSelected" in name or "Nothing to do" in msg for (name, _, msg) in events):
-                raise CliError("dbt-defer: the selection matched no node; check -s/--select")
             raise CliError("dbt-defer: deferral did not run (no audit was written); check dbt-defer status")
         with open(audit_path, encoding="utf-8") as fh:
-            return json.load(fh)
+            document = json.load(fh)
+        lines = [m for (_, level, m) in events if level == "info" and _SUMMARY_LINE.match(m)]
+        return document, (lines[-1] if lines else None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+_SUMMARY_LINE = re.compile(r"^dbt-defer: \d+ refs? resolved")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from dbt_defer import audit
 
     ctx = ProjectContext(args)
-    document = run_explain(ctx, args)
+    document, line = run_explain(ctx, args)
     if args.output == "json":
         _print_json(
             {
@@ -466,8 +542,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
     crossed = sorted({r["node"] for r in records if r.get("cross_environment")})
     for node in crossed:
-        print(f"note: {node} compares data across environments")
-    print(audit.summary_line(document.get("summary", {}), (r.get("limit") for r in records)))
+        _say(f"note: {node} compares data across environments")
+    _say(line or audit.summary_line(document.get("summary", {}), (r.get("limit") for r in records)))
     return 0
 
 
@@ -503,6 +579,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             "run_results": None,
             "ok": False,
             "problem": None,
+            "published": None,
         }
         try:
             if spec.is_uri:
@@ -513,7 +590,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                 except ManifestError as exc:
                     raise CliError(str(exc)) from None
                 row.update(action=result.action, local=result.local, fetched_at=result.fetched_at,
-                           run_results=result.run_results)
+                           run_results=result.run_results, published=remote.published_version(result.uri))
             else:
                 row.update(action="local (nothing to fetch)", local=spec.state)
             manifest, path = _load_env(ctx, spec, local=row["local"])
@@ -527,12 +604,14 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         _print_json({"target_path": ctx.target_path, "environments": rows})
     else:
         _print_table(
-            ["name", "source", "action", "cached in", "generated_at", "run_results", "verified"],
+            ["name", "source", "action", "published version", "cached in", "generated_at", "run_results",
+             "verified"],
             [
                 [
                     r["name"],
                     ctx.display(r["state"]),
                     r["action"] or "failed",
+                    (r["published"] or {}).get("version"),
                     ctx.display(r["local"]) if r["local"] and "://" in r["state"] else None,
                     r["generated_at"],
                     None if r["run_results"] is None else ("yes" if r["run_results"] else "no"),
@@ -542,8 +621,82 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             ],
         )
     for problem in problems:
-        print(problem, file=sys.stderr)
+        _say(problem, sys.stderr)
     return 1 if problems else 0
+
+
+# --- publish -------------------------------------------------------------------------------
+
+_ENV_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from dbt_defer import publish as pub
+    from dbt_defer import remote
+
+    if args.keep < 1:
+        raise CliError(f"dbt-defer: --keep {args.keep}: keep at least 1 version (default {pub.DEFAULT_KEEP})", 2)
+    env = args.env.lower() if args.env else None
+    if env is not None and not _ENV_NAME.match(env):
+        raise CliError(f"dbt-defer: --env {args.env!r} is not an environment name; use e.g. prod or staging", 2)
+    ctx = ProjectContext(args)
+    try:
+        artifacts = pub.check_artifacts(ctx.target_path, ctx.name, is_compatible=_is_compatible())
+    except pub.PublishError as exc:
+        raise CliError(str(exc)) from None
+    if args.only_success and artifacts.failed:
+        first = ", ".join(f"{uid} ({status})" for uid, status in list(artifacts.failed.items())[:3])
+        more = f" and {len(artifacts.failed) - 3} more" if len(artifacts.failed) > 3 else ""
+        raise CliError(
+            f"dbt-defer: not published (--only-success): {len(artifacts.failed)} of {artifacts.results} results "
+            f"of invocation {artifacts.invocation_id} did not succeed: {first}{more}; readers keep the version "
+            "they have"
+        )
+    spec = next((s for s in ctx.cfg.environments if s.name == env), None) if env else None
+    if spec is not None and spec.is_uri and remote.pointer_root(spec.state) != args.uri.rstrip("/"):
+        _warn(
+            f"dbt-defer: note: environment '{env}' of this project reads {pub.shown(spec.state)}, not "
+            f"{pub.shown(args.uri)}; readers of '{env}' will not see this version"
+        )
+    try:
+        result = pub.publish(args.uri, artifacts, env=env, keep=args.keep)
+    except pub.PublishError as exc:
+        raise CliError(str(exc)) from None
+    where = pub.shown(args.uri.rstrip("/"))
+    if args.output == "json":
+        _print_json(
+            {
+                "uri": where,
+                "version": result.version,
+                "version_uri": pub.shown(result.version_uri),
+                "already_published": result.already,
+                "pointer": result.pointer,
+                "kept": result.kept,
+                "removed": result.removed,
+                "prune_problem": result.prune_problem,
+            }
+        )
+    else:
+        pointer = result.pointer
+        failed = pointer.get("failed_nodes") or 0
+        what = (
+            f"invocation {pointer.get('invocation_id')} ({pointer.get('command') or 'dbt'}, "
+            f"{pointer.get('results')} results, {failed} not successful; manifest generated_at "
+            f"{pointer.get('generated_at')})"
+        )
+        if result.already:
+            _say(f"dbt-defer: {what} is already the published version {result.version} at {where}; nothing uploaded")
+        else:
+            _say(f"dbt-defer: published {what} as {pub.shown(result.version_uri)}")
+            _say(f"dbt-defer: {where}/{remote.POINTER} now names it: readers with state {where} get this pair")
+        if result.prune_problem is None:
+            _say(f"dbt-defer: kept {len(result.kept)} version(s) (--keep {args.keep}), removed {len(result.removed)}")
+    if result.prune_problem is not None:
+        _warn(
+            f"dbt-defer: published, but old versions under {where}/{remote.PUBLISHED_VERSIONS}/ were not pruned "
+            f"({result.prune_problem}); the next publish tries again"
+        )
+    return 0
 
 
 # --- the parser ----------------------------------------------------------------------------
@@ -553,6 +706,7 @@ examples:
   dbt-defer status                       # where each environment's manifest comes from, and how old it is
   dbt-defer explain -s customers+        # where every ref of the selection would be read from
   dbt-defer fetch                        # refresh the local copies of remote (s3://, https://, ...) manifests
+  dbt-defer publish s3://bucket/dbt/prod --env prod   # after a production run: publish its artifacts
 
 configuration (see the README): vars: dbt_defer: environments in dbt_project.yml, or
 DBT_DEFER_<NAME>_STATE environment variables, e.g. DBT_DEFER_PROD_STATE=s3://bucket/dbt/prod
@@ -604,6 +758,28 @@ examples:
   DBT_DEFER_PROD_STATE=s3://my-bucket/dbt/prod dbt-defer fetch --output json
 """
 
+_PUBLISH_EPILOG = """\
+Run by a production or staging job right after its dbt run or build. Checks the run's
+manifest.json and run_results.json in the target path (a manifest of this project, run results
+of the same dbt invocation), uploads both as a new version folder, then replaces the pointer
+URI/latest.json, so readers (a state set to URI, dbt-defer fetch) see the previous pair or
+this pair, never a mix. Then removes all but the newest K version folders (never the one the
+pointer names). A run with failed nodes is published too (readers then read those nodes from
+the next environment) unless --only-success. Store layout:
+
+  URI/latest.json                                     which version is current
+  URI/versions/<UTC time>-<invocation id>/manifest.json
+  URI/versions/<UTC time>-<invocation id>/run_results.json
+
+Works on every fsspec store that can write: file://, s3:// ("dbt-defer[s3]"), gs://
+("dbt-defer[gcs]"); credentials come from the store's usual environment (AWS_*, GOOGLE_*).
+
+examples:
+  dbt build --target prod && dbt-defer publish s3://my-bucket/dbt/prod --env prod
+  dbt-defer publish gs://my-bucket/dbt/staging --env staging --keep 20
+  dbt-defer publish file:///mnt/shared/dbt/prod --only-success --output json
+"""
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("project (as for dbt)")
@@ -630,7 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"dbt-defer {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{status,explain,fetch}")
+    sub = parser.add_subparsers(dest="command", metavar="{status,explain,fetch,publish}")
 
     status = sub.add_parser(
         "status", help="the chain as a table: source, age, dbt version, nodes, stale",
@@ -669,6 +845,18 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="download even when the remote looks unchanged")
     _common(fetch)
     fetch.set_defaults(func=cmd_fetch)
+
+    publish = sub.add_parser(
+        "publish", help="after a production/staging run: upload its artifacts as a new version",
+        description="Publish this run's manifest.json + run_results.json as one new version under URI.",
+        epilog=_PUBLISH_EPILOG, formatter_class=_Formatter,
+    )
+    publish.add_argument("uri", metavar="URI", help="the folder readers use as the state, e.g. s3://bucket/dbt/prod")
+    publish.add_argument("--env", metavar="NAME", help="the environment this run built (recorded in the pointer, shown by status)")
+    publish.add_argument("--keep", type=int, default=10, metavar="K", help="version folders to keep (default 10)")
+    publish.add_argument("--only-success", action="store_true", help="publish nothing (exit 1) if a node errored, failed or was skipped")
+    _common(publish)
+    publish.set_defaults(func=cmd_publish)
     return parser
 
 
@@ -681,10 +869,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except CliError as exc:
-        print(exc, file=sys.stderr)
+        _say(exc, sys.stderr)
         return exc.code
     except DeferConfigError as exc:
-        print(exc, file=sys.stderr)
+        _say(exc, sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dbt-defer: interrupted", file=sys.stderr)
@@ -692,10 +880,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # one line, no traceback (DBT_DEFER_DEBUG=1 shows it)
         if truthy(os.environ.get("DBT_DEFER_DEBUG")):
             raise
-        print(
+        _say(
             f"dbt-defer: unexpected error: {type(exc).__name__}: {_first_line(str(exc))} "
             "(set DBT_DEFER_DEBUG=1 for the traceback)",
-            file=sys.stderr,
+            sys.stderr,
         )
         return 1
 

@@ -32,6 +32,7 @@ _KNOWN_KEYS = {
     "max_age_hours",
     "audit_table",
 }
+_ENVIRONMENT_KEYS = ("name", "state", "target")  # the keys of one vars: dbt_defer: environments item
 
 
 class DeferConfigError(ValueError):
@@ -43,10 +44,20 @@ class EnvironmentSpec:
     name: str
     state: str  # absolute local path or a URI
     source: str  # where it was configured: "vars", "DBT_DEFER_PROD_STATE", "--defer-state", ...
+    target: str = ""  # the dbt target that builds this environment (default: its own name)
 
     @property
     def is_uri(self) -> bool:
         return is_uri(self.state)
+
+    @property
+    def builds_with(self) -> str:
+        return self.target or self.name
+
+    @property
+    def native(self) -> bool:
+        """Configured only by dbt's own --state/--defer-state (SPEC §2 native mode)."""
+        return self.source.startswith("--")
 
 
 @dataclass(frozen=True)
@@ -62,10 +73,30 @@ class DeferConfig:
     # how compile/show/docs treat selected nodes: "compile" (from dev if built there, else the
     # chain, like dbt's --defer) or "build" (always dev, as the build would; write guard on)
     compile_as: str = "compile"
+    # set by `dbt-defer explain` (DBT_DEFER_EXPLAIN=1) for its in-process dbt compile: the
+    # invocation writes nothing in the warehouse (no audit table)
+    explain: bool = False
 
     @property
     def configured(self) -> bool:
         return bool(self.environments)
+
+    @property
+    def native(self) -> bool:
+        """SPEC §2: the chain comes only from dbt's --state/--defer-state; every outcome is dbt's."""
+        return bool(self.environments) and all(e.native for e in self.environments)
+
+    def chain_for_target(self, target_name: str) -> Tuple[Optional[EnvironmentSpec], Tuple[EnvironmentSpec, ...]]:
+        """(the environment the running target builds or None, the chain of this run).
+
+        SPEC §3: when the running target builds an environment, the run defers only to the
+        environments after it (a staging job defers to prod; a prod job to nothing).
+        """
+        if not self.native:
+            for i, env in enumerate(self.environments):
+                if env.builds_with == target_name:
+                    return env, self.environments[i + 1 :]
+        return None, self.environments
 
     def limit_for_target(self, target_name: str) -> Tuple[bool, Optional[int]]:
         """(True, N) when the running target is a key of ``limits``; (False, None) otherwise."""
@@ -124,11 +155,28 @@ def _environments_from_vars(raw: Any, project_root: str) -> list:
     envs = []
     seen = set()
     for i, item in enumerate(raw):
-        if not isinstance(item, Mapping) or "name" not in item:
+        if not isinstance(item, Mapping):
+            raise DeferConfigError(
+                f"dbt-defer: item {i} of {where} must be a mapping with 'name' and 'state', got {item!r}"
+            )
+        # a typo'd key (sate:) would otherwise drop the environment silently
+        unknown = sorted(repr(k) for k in item if not (isinstance(k, str) and k in _ENVIRONMENT_KEYS))
+        if unknown:
+            raise DeferConfigError(
+                f"dbt-defer: unknown key(s) {', '.join(unknown)} in item {i} ({_item_name(item)}) "
+                f"of {where}; accepted keys are {', '.join(_ENVIRONMENT_KEYS)}"
+            )
+        if "name" not in item:
             raise DeferConfigError(
                 f"dbt-defer: item {i} of {where} must be a mapping with 'name' and 'state', got {item!r}"
             )
         name = _check_name(item["name"], where)
+        target = item.get("target")
+        if target is not None and not isinstance(target, str):  # empty: the default (its name)
+            raise DeferConfigError(
+                f"dbt-defer: target of environment {name!r} in {where} must be the name of the dbt "
+                f"target that builds it (e.g. target: production), got {target!r}"
+            )
         if name in seen:
             raise DeferConfigError(f"dbt-defer: environment {name!r} is listed twice in {where}; keep one")
         seen.add(name)
@@ -137,8 +185,13 @@ def _environments_from_vars(raw: Any, project_root: str) -> list:
             raise DeferConfigError(
                 f"dbt-defer: state of environment {name!r} in {where} must be a path or URI string, got {state!r}"
             )
-        envs.append([name, state or "", "vars"])
+        envs.append([name, state or "", "vars", (target or "").strip()])
     return envs
+
+
+def _item_name(item: Mapping[str, Any]) -> str:
+    name = item.get("name")
+    return f"name {name!r}" if isinstance(name, str) else "no usable name"
 
 
 def _env_var_states(environ: Mapping[str, str]) -> dict:
@@ -275,17 +328,17 @@ def load_config(
         if name in by_name:
             by_name[name][1], by_name[name][2] = value, key
         else:
-            extra.append([name, value, key])
+            extra.append([name, value, key, ""])
     # New names go in front of 'prod' (or at the end when there is no prod); 'prod' itself last.
     extra.sort(key=lambda e: (e[0] == "prod", e[0]))
     prod_at = next((i for i, e in enumerate(envs) if e[0] == "prod"), len(envs))
     envs[prod_at:prod_at] = extra
 
     specs = []
-    for name, raw_state, source in envs:
+    for name, raw_state, source, target in envs:
         if not raw_state or not raw_state.strip():
             continue  # configured but empty: skipped (SPEC §3)
-        specs.append(EnvironmentSpec(name, _resolve_state(raw_state, project_root), source))
+        specs.append(EnvironmentSpec(name, _resolve_state(raw_state, project_root), source, target))
 
     if not specs:
         fallback = defer_state or state
@@ -304,4 +357,5 @@ def load_config(
         max_age_hours=_max_age(settings.get("max_age_hours")),
         audit_table=_bool(settings, "audit_table"),
         compile_as=_compile_as(environ),
+        explain=truthy(environ.get("DBT_DEFER_EXPLAIN")),
     )

@@ -44,15 +44,23 @@ def load_environment(
     is_compatible: Optional[Callable[[str], bool]] = None,
     warn: Optional[Callable[[str], None]] = None,
     local: Optional[str] = None,
+    native: bool = False,
 ) -> LoadedManifest:
     """Fetch (URI), locate and validate one environment's manifest: the one sequence that a
     deferred run and the CLI both use. Raises ManifestError or GuardError with the clear line.
 
-    ``local``: the state's local folder when the caller has fetched it already.
+    ``local``: the state's local folder when the caller has fetched it already. ``native``: dbt's
+    own --state (SPEC §2): a state in the target path is dbt's business, only warned about.
     """
     if local is None:
         local = local_state(spec, target_path, warn)
-    check_not_target_path(spec, local, target_path)
+    try:
+        check_not_target_path(spec, local, target_path)
+    except GuardError as exc:
+        if not native:
+            raise
+        if warn is not None:
+            warn(f"{exc} (dbt's own --defer: not refused)")
     manifest = load_manifest(spec.name, manifest_path_for(spec.name, local), is_compatible=is_compatible)
     if project_name:
         check_project(spec, manifest, project_name)
@@ -60,17 +68,23 @@ def load_environment(
 
 
 def check_not_target_path(spec: EnvironmentSpec, state: str, target_path: str) -> None:
-    """``state`` is the environment's folder or its manifest file; either may not exist yet."""
+    """``state`` is the environment's folder or its manifest file; either may not exist yet.
+
+    Refused when the run's target path is that folder or inside it: dbt writes its artifacts
+    there (manifest.json first, at parse time) and would overwrite the environment's state.
+    """
     if "\0" in state:
         return  # not a usable path at all; the manifest reader says so
     state = os.path.abspath(state)
     is_file = os.path.isfile(state) or (not os.path.isdir(state) and state.endswith(".json"))
     folder = os.path.realpath(os.path.dirname(state) if is_file else state)
-    if folder == os.path.realpath(target_path):
+    target = os.path.realpath(target_path)
+    if target == folder or target.startswith(folder.rstrip(os.sep) + os.sep):
+        what = "this run's own target path" if target == folder else f"a folder holding this run's target path"
         raise GuardError(
-            f"dbt-defer: environment '{spec.name}' state {_source(spec)} is this run's own target path "
+            f"dbt-defer: environment '{spec.name}' state {_source(spec)} is {what} "
             f"({target_path}), which dbt overwrites during the run; copy that environment's artifacts "
-            "to another folder (e.g. prod-artifacts/) and point the environment there"
+            "to another folder (e.g. prod-artifacts/) and point the environment there, or use another --target-path"
         )
 
 
@@ -102,49 +116,98 @@ def task_writes(task: Any) -> bool:
     return (isinstance(task, RunTask) and not isinstance(task, TestTask)) or isinstance(task, CloneTask)
 
 
-def _same(a: Any, b: Any) -> bool:
-    return (a or "").lower() == (b or "").lower()
+Key = Tuple[str, str, str]
 
 
-def _key(location: Tuple[Any, Any, Any]) -> Tuple[str, str, str]:
-    return tuple((part or "").lower() for part in location)  # type: ignore[return-value]
+def location_key(location: Tuple[Any, Any, Any], default_database: Optional[str]) -> Key:
+    """A relation's identity for comparisons: lower-cased; a missing database is the adapter's default."""
+    database, schema, identifier = location
+    return ((database or default_database or "").lower(), (schema or "").lower(), (identifier or "").lower())
 
 
-def check_writes(selected: Iterable[str], manifest: Any, environments: Iterable[Any]) -> None:
-    """Refuse when a selected node would be written where a chain environment keeps a relation.
+def _writes_of(node: Any, store_failures: bool) -> Optional[Tuple[Any, Any, Any]]:
+    """The relation a selected node would write, or None (ephemeral, tests not storing failures)."""
+    kind = node.resource_type
+    if kind in ("model", "seed", "snapshot"):
+        if getattr(node, "is_ephemeral_model", False):
+            return None
+        return (node.database, node.schema, node.alias or node.name)
+    if kind == "test":
+        config = node.config
+        stores = getattr(config, "store_failures", None)
+        stores_as = getattr(config, "store_failures_as", None)
+        if stores_as == "ephemeral" or stores is False:
+            return None
+        if stores or stores_as in ("table", "view") or store_failures:
+            return (node.database, node.schema, node.alias or node.name)
+    return None
 
-    Checked against what each environment's manifest records for the node itself and for every
-    other node (a dev model aliased onto a production table overwrites it just the same).
-    Ephemeral nodes have no relation on either side.
+
+def _shared_snapshot(node: Any, target_schema: Optional[str]) -> bool:
+    """A snapshot whose legacy ``target_schema`` config names a fixed schema, not the running
+    target's: dbt writes it to the same place from every target, so that place is shared by
+    design (``target_schema=target.schema`` is not shared: it follows the target)."""
+    config = getattr(node, "config", None)
+    return (
+        node.resource_type == "snapshot"
+        and bool(getattr(config, "target_schema", None))
+        and (node.schema or "").lower() != (target_schema or "").lower()
+    )
+
+
+def write_clashes(
+    selected: Iterable[str],
+    manifest: Any,
+    environments: Iterable[Any],
+    *,
+    default_database: Optional[str],
+    target_schema: Optional[str] = None,
+    store_failures: bool = False,
+) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """(refused, shared): selected nodes that would write a relation a chain environment records.
+
+    Checked against every relation each environment's manifest records — models, seeds,
+    snapshots, sources, tests' stored failures — for the node itself or any other (a dev model
+    aliased onto a production table overwrites it just the same). Each value is the one line
+    saying so. ``shared`` holds legacy snapshots whose target_schema is fixed (not the running
+    target's schema): written from every target by dbt's design, reported but not refused.
     """
     envs = list(environments)
-    owners: Dict[Tuple[str, str, str], Tuple[Any, str]] = {}
+    owners: Dict[Key, Tuple[Any, str]] = {}
     for env in reversed(envs):  # the first environment of the chain wins the report
-        for other in env.manifest.nodes.values():
-            if other.materialized != "ephemeral":
-                owners[_key(other.location)] = (env, other.unique_id)
+        for location, owner_uid in env.manifest.relations.items():
+            owners[location_key(location, default_database)] = (env, owner_uid)
+    refused: Dict[str, str] = {}
+    shared: Dict[str, str] = {}
     if not owners:
-        return
-    clashes = []
+        return refused, shared
     for uid in sorted(selected):
         node = manifest.nodes.get(uid)
-        if node is None or node.resource_type not in ("model", "seed", "snapshot") or node.is_ephemeral_model:
+        if node is None:
             continue
-        mine = (node.database, node.schema, node.alias or node.name)
-        owner = owners.get(_key(mine))
-        if owner is not None:
-            clashes.append((uid, mine, owner))
-    if not clashes:
-        return
-    uid, mine, (env, other_uid) = clashes[0]
-    where = ".".join(p for p in mine if p)
-    whose = "for it" if other_uid == uid else f"for {other_uid}"
-    more = f" ({len(clashes) - 1} more selected node(s) would be written into {env.name} relations too)" if len(clashes) > 1 else ""
-    raise GuardError(
-        f"dbt-defer: refusing to write {uid} into {where}: environment '{env.name}' "
-        f"({_source(env.spec)}) records that relation {whose}{more}. Point your target at a "
-        "development schema, or unset DBT_DEFER / --defer in production jobs. Nothing was written."
-    )
+        mine = _writes_of(node, store_failures)
+        if mine is None:
+            continue
+        owner = owners.get(location_key(mine, default_database))
+        if owner is None:
+            continue
+        env, other_uid = owner
+        where = ".".join(p for p in mine if p)
+        whose = "for it" if other_uid == uid else f"for {other_uid}"
+        if other_uid == uid and _shared_snapshot(node, target_schema):
+            shared[uid] = (
+                f"dbt-defer: snapshot {uid} writes {where}, which environment '{env.name}' records too: its "
+                "target_schema/target_database config makes every target write the same table (dbt's "
+                "legacy snapshot config), so dbt-defer lets it run"
+            )
+            continue
+        refused[uid] = (
+            f"dbt-defer: refusing to write {uid} into {where}: environment '{env.name}' "
+            f"({_source(env.spec)}) records that relation {whose}. Point your target at a "
+            "development schema, or name the target that builds that environment (vars: dbt_defer: "
+            "environments: [{name: ..., target: ...}]). Nothing was written."
+        )
+    return refused, shared
 
 
 def stale_warning(spec: EnvironmentSpec, manifest: LoadedManifest, max_age_hours: float, now=None) -> Optional[str]:

@@ -8,19 +8,25 @@ parsed manifests are cached in-process by (path, mtime, size). Every problem bec
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import msgspec
 
 MANIFEST = "manifest.json"
 RUN_RESULTS = "run_results.json"
 REFABLE = frozenset({"model", "seed", "snapshot"})
+# other nodes whose relations an environment records (the write guard protects them too):
+# a test's stored failures (dbt test/build --store-failures), and sources (raw data)
+OWNS_RELATION = frozenset({"test"})
 # statuses in run_results.json that mean "this node's relation is not trustworthy there"
 BAD_STATUSES = frozenset({"error", "fail", "skipped", "runtime error"})
+# statuses that mean "this run built the node" (models, seeds, snapshots: success; tests: pass)
+BUILT_STATUSES = frozenset({"success", "pass"})
 
 
 class ManifestError(RuntimeError):
@@ -44,6 +50,7 @@ class _Node(msgspec.Struct):
     database: Optional[str] = None
     schema: Optional[str] = None
     alias: Optional[str] = None
+    identifier: Optional[str] = None  # sources
     name: str = ""
     package_name: str = ""
     relation_name: Optional[str] = None
@@ -65,6 +72,8 @@ class _Metadata(msgspec.Struct):
 class _Manifest(msgspec.Struct):
     metadata: Optional[_Metadata] = None
     nodes: Optional[Dict[str, _Node]] = None
+    sources: Optional[Dict[str, _Node]] = None
+    functions: Optional[Dict[str, Dict[str, Any]]] = None  # dbt >= 1.11; kept whole (few)
 
 
 class _LooseMetadata(msgspec.Struct):
@@ -81,6 +90,7 @@ class _MetadataOnly(msgspec.Struct):
 class _Result(msgspec.Struct):
     unique_id: str = ""
     status: Optional[str] = None
+    execution_time: Optional[float] = None
 
 
 class _RunResults(msgspec.Struct):
@@ -119,7 +129,14 @@ class LoadedManifest:
     nodes: Dict[str, EnvNode]
     node_count: int  # all nodes in the manifest, refable or not
     bad_status: Dict[str, str] = field(default_factory=dict)  # unique_id -> status in run_results
-    run_results_path: Optional[str] = None
+    built: FrozenSet[str] = frozenset()  # unique_ids run_results records as built (success/pass)
+    run_results_path: Optional[str] = None  # None: no run_results.json beside the manifest
+    # every relation the environment records, refable or not (tests' stored failures, sources):
+    # (database, schema, identifier) -> unique_id; what the write guard protects
+    relations: Dict[Tuple[Optional[str], Optional[str], str], str] = field(default_factory=dict)
+    functions: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # unique_id -> as in the manifest
+    # unique_id -> execution_time (seconds) of the nodes run_results records as built
+    build_seconds: Dict[str, float] = field(default_factory=dict)
 
     def generated_datetime(self) -> Optional[datetime]:
         return parse_timestamp(self.generated_at)
@@ -293,9 +310,16 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible=N
     if parsed.nodes is None:
         raise _not_a_manifest(env_name, path, "it has no nodes")
     nodes: Dict[str, EnvNode] = {}
+    relations: Dict[Tuple[Optional[str], Optional[str], str], str] = {}
+    for uid, n in (parsed.sources or {}).items():
+        relations.setdefault((n.database, n.schema, n.identifier or n.name), uid)
     for uid, n in parsed.nodes.items():
+        if n.resource_type in OWNS_RELATION and n.config.enabled and (n.alias or n.name):
+            relations.setdefault((n.database, n.schema, n.alias or n.name), uid)
         if n.resource_type not in REFABLE or not n.config.enabled:
             continue
+        if n.config.materialized != "ephemeral":
+            relations[(n.database, n.schema, n.alias or n.name)] = uid
         nodes[uid] = EnvNode(
             unique_id=uid,
             resource_type=n.resource_type,
@@ -307,8 +331,10 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible=N
             unrendered_config=n.unrendered_config,
         )
     bad: Dict[str, str] = {}
+    seconds: Dict[str, float] = {}
     if results_path:
-        bad = _read_run_results(env_name, results_path)
+        bad, seconds = _read_run_results(env_name, results_path)
+    built = frozenset(seconds)
     return LoadedManifest(
         path=path,
         schema_version=meta.dbt_schema_version,
@@ -321,11 +347,16 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible=N
         nodes=nodes,
         node_count=len(parsed.nodes),
         bad_status=bad,
+        built=built,
         run_results_path=results_path,
+        relations=relations,
+        functions=dict(parsed.functions or {}),
+        build_seconds=seconds,
     )
 
 
-def _read_run_results(env_name: str, path: str) -> Dict[str, str]:
+def _read_run_results(env_name: str, path: str) -> Tuple[Dict[str, str], Dict[str, float]]:
+    """(unique_id -> bad status, unique_id -> execution_time of the nodes recorded as built)."""
     try:
         with open(path, "rb") as fh:
             parsed = _DECODE_RESULTS.decode(fh.read())
@@ -339,8 +370,13 @@ def _read_run_results(env_name: str, path: str) -> Dict[str, str]:
             f"dbt-defer: environment '{env_name}': {path} is not a dbt run_results.json ({_one_line(exc)}); "
             "copy it again from that environment's target/ or remove it"
         ) from None
-    return {
-        r.unique_id: r.status
-        for r in parsed.results
-        if r.status and r.status.lower() in BAD_STATUSES
-    }
+    bad: Dict[str, str] = {}
+    seconds: Dict[str, float] = {}
+    for r in parsed.results:
+        status = r.status.lower() if r.status else ""
+        if status in BAD_STATUSES:
+            bad[r.unique_id] = r.status
+        elif status in BUILT_STATUSES:
+            t = r.execution_time
+            seconds[r.unique_id] = t if t is not None and math.isfinite(t) and t > 0 else 0.0
+    return bad, seconds

@@ -3,11 +3,23 @@
 Patched (checked on dbt-core 1.8.x and 1.11.x):
 
 1. ``dbt.task.runnable.GraphRunnableTask.run`` — with deferral on and a chain configured,
-   load and validate the chain before the task starts, and write the audit when it ends.
+   load and validate the chain before the task starts, and write the audit when it ends
+   (whatever the outcome; the audit step never raises, so it cannot hide dbt's own exception;
+   a run refused before resolving replaces the previous audit with a ``refused`` one).
 2. ``dbt.task.runnable.GraphRunnableTask.defer_to_manifest`` — where dbt merges its single
-   ``--state`` manifest: merge the chain instead, run the write guard, find restricted nodes.
+   ``--state`` manifest: in chain mode merge the chain instead (``defer_relation`` and
+   ``defer_function`` of every node are what the chain resolves to); in native mode (SPEC §2)
+   dbt's own merge runs unchanged. Then the write guard and the restricted nodes.
 3. ``dbt.context.providers.RuntimeRefResolver.create_relation`` — where dbt decides which
-   relation a ``ref()`` renders to: apply the chain rules (SPEC §4), limits and audit.
+   relation a ``ref()`` renders to: apply the chain rules (SPEC §4), limits and audit; in
+   native mode dbt decides and the plugin records (and limits, when configured).
+4. ``dbt.task.base.BaseRunner.compile_and_execute`` — a node the write guard refused fails
+   here, before it compiles or executes; dbt then skips its descendants (SPEC §7).
+5. ``dbt.cli.requires.parse_manifest`` — before dbt parses (and writes ``manifest.json`` into
+   the target path), refuse a ``--target-path`` inside a chain environment's state folder.
+6. ``dbt.compilation.Compiler._compile_code`` — where dbt renders a node's SQL (models, tests,
+   snapshots, ephemeral CTEs, on-run-start/end hooks, ``show``/inline nodes): give each
+   subquery dbt-defer limited its alias (``limits.resolve``; only the spans it marked).
 
 With deferral off each patched function calls dbt's original at once (the plugin is inert).
 """
@@ -17,8 +29,13 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Optional
 
+import dbt.cli.requires as dbt_requires
+from dbt.compilation import Compiler
 from dbt.context.providers import RuntimeRefResolver
+from dbt.task.base import BaseRunner
 from dbt.task.runnable import GraphRunnableTask
+
+from dbt_defer import limits
 
 _ORIGINALS: dict = {}
 _ACTIVE: Optional[Any] = None  # the DeferSession of the running invocation
@@ -38,27 +55,52 @@ def _run(self: Any) -> Any:
     original: Callable = _ORIGINALS["run"]
     if not _deferring(self):
         return original(self)
-    from dbt_defer.session import DeferSession, config_for_task
+    from dbt_defer.session import DeferSession, config_for_task, end_refused
 
-    cfg = config_for_task(self)
-    if not cfg.configured:
+    cfg = None
+    try:
+        cfg = config_for_task(self)
+        session = DeferSession.start(self, cfg) if cfg.configured else None
+    except Exception as exc:
+        end_refused(self, exc, cfg=cfg)  # the previous invocation's audit must not look current
+        raise
+    if session is None:
         return original(self)  # nothing configured anywhere: exactly dbt's behaviour and error
-    session = DeferSession.start(self, cfg)
     with _ACTIVE_LOCK:
         previous, _ACTIVE = _ACTIVE, session
+    error: Optional[BaseException] = None
     try:
         return original(self)
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE = previous
-        if session.merged:
-            session.finish()
+        _finish(session, error)
+
+
+def _finish(session: Any, error: Optional[BaseException]) -> None:
+    """The audit step never changes the run's outcome, nor hides the run's own exception."""
+    try:
+        session.finish(error)
+    except Exception as exc:  # finish warns on its own; this is the last line of defence
+        from dbt_common.events.base_types import EventLevel
+
+        from dbt_defer.audit import one_line
+        from dbt_defer.session import log
+
+        log(f"dbt-defer: the audit step failed ({one_line(exc)}); the run is not affected", EventLevel.WARN)
 
 
 def _defer_to_manifest(self: Any) -> None:
     session = _ACTIVE
     if session is None or session.task is not self:
         return _ORIGINALS["defer_to_manifest"](self)
+    if session.plain:
+        return None  # the running target builds the chain's last environment: plain dbt
+    if session.native:
+        _ORIGINALS["defer_to_manifest"](self)
     session.merge(self)
 
 
@@ -74,6 +116,36 @@ def _create_relation(self: Any, target_model: Any) -> Any:
     return session.relation_for(self, target_model, original)
 
 
+def _compile_code(self: Any, node: Any, *args: Any, **kwargs: Any) -> Any:
+    compiled = _ORIGINALS["compile_code"](self, node, *args, **kwargs)
+    if _ACTIVE is None or getattr(node, "language", "sql") == "python":
+        return compiled
+    code = getattr(compiled, "compiled_code", None)
+    if code and limits.MARK in code:
+        compiled.compiled_code = limits.resolve(code)
+    return compiled
+
+
+def _compile_and_execute(self: Any, manifest: Any, ctx: Any) -> Any:
+    session = _ACTIVE
+    if session is not None and session.refused:
+        message = session.refused.get(getattr(self.node, "unique_id", None))
+        if message is not None:
+            from dbt_common.exceptions import DbtRuntimeError
+
+            raise DbtRuntimeError(message)
+    return _ORIGINALS["compile_and_execute"](self, manifest, ctx)
+
+
+def _parse_manifest(runtime_config: Any, *args: Any, **kwargs: Any) -> Any:
+    args_ = getattr(runtime_config, "args", None)
+    if args_ is not None and getattr(args_, "defer", False):
+        from dbt_defer.session import refuse_target_path_in_state
+
+        refuse_target_path_in_state(runtime_config)
+    return _ORIGINALS["parse_manifest"](runtime_config, *args, **kwargs)
+
+
 def apply() -> None:
     """Install the patches once per process."""
     if _ORIGINALS:
@@ -81,6 +153,12 @@ def apply() -> None:
     _ORIGINALS["run"] = GraphRunnableTask.run
     _ORIGINALS["defer_to_manifest"] = GraphRunnableTask.defer_to_manifest
     _ORIGINALS["create_relation"] = RuntimeRefResolver.create_relation
+    _ORIGINALS["compile_code"] = Compiler._compile_code
+    _ORIGINALS["compile_and_execute"] = BaseRunner.compile_and_execute
+    _ORIGINALS["parse_manifest"] = dbt_requires.parse_manifest
     GraphRunnableTask.run = _run
     GraphRunnableTask.defer_to_manifest = _defer_to_manifest
     RuntimeRefResolver.create_relation = _create_relation
+    Compiler._compile_code = _compile_code
+    BaseRunner.compile_and_execute = _compile_and_execute
+    dbt_requires.parse_manifest = _parse_manifest

@@ -15,6 +15,12 @@ modification time and size, whatever the store reports). On use:
 - remote unreachable or missing -> the cached copy with one warning that states its age, or,
   with no cached copy, one ``ManifestError`` line naming the environment and the URI.
 
+A folder written by ``dbt-defer publish`` (publish.py) holds a pointer, ``latest.json``, naming
+its current version folder (``versions/<UTC time>-<invocation id>/``, never modified once
+named). The pointer is read first and the folder it names is fetched as above, so a reader gets
+one run's manifest.json + run_results.json even while a publisher writes the next version; a
+folder without a pointer is read as it is.
+
 Imports nothing of the CLI; dbt is optional (used only to check the manifest schema version
 and to log the fallback warning through dbt's logger).
 """
@@ -23,10 +29,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -211,6 +218,7 @@ def fetch(
 ) -> FetchResult:
     """Bring an environment's remote state into the cache; see the module docstring."""
     warn = warn or _default_warn
+    spec = follow_pointer(spec, target_path)  # a published folder: the version its pointer names
     uri = manifest_uri(spec.state)
     results_uri = _sibling(uri, RUN_RESULTS)
     folder = cache_dir(target_path, spec.name)
@@ -305,3 +313,101 @@ def _write_meta(folder: str, meta: Dict[str, Any]) -> None:
 def fetch_state(spec: EnvironmentSpec, target_path: str, *, warn: Optional[Warn] = None) -> str:
     """The local folder holding a URI environment's manifest.json (called on every use)."""
     return fetch(spec, target_path, warn=warn).local
+
+
+# --- publish pointers (written by dbt-defer publish, see publish.py) ------------------------
+
+POINTER = "latest.json"
+PUBLISHED_VERSIONS = "versions"
+POINTER_MAX_BYTES = 64 * 1024
+VERSION_NAME = re.compile(r"^(?P<time>[0-9]{8}T[0-9]{6}(?:[0-9]{6})?Z)-(?P<invocation>[A-Za-z0-9_.-]{1,100})$")
+
+
+def pointer_root(state: str) -> Optional[str]:
+    """The folder URI that may hold a publish pointer: a folder state, or ``<folder>/latest.json``."""
+    if "?" in state or "#" in state or "::" in state:
+        return None  # a signed URL or a chained URI names one object, never a published folder
+    state = state.rstrip("/")
+    if state.endswith("/" + POINTER):
+        return state[: -len(POINTER) - 1]
+    return None if state.lower().endswith(".json") else state
+
+
+def parse_pointer(raw: bytes) -> Dict[str, Any]:
+    """The pointer document, checked: it is remote input, and its path may not leave the folder."""
+    if len(raw) > POINTER_MAX_BYTES:
+        raise ValueError(f"it is larger than {POINTER_MAX_BYTES // 1024} KB")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"not valid JSON: {str(exc).splitlines()[0][:120]}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("path"), str):
+        raise ValueError("no version path in it")
+    folder, _, name = doc["path"].partition("/")
+    if folder != PUBLISHED_VERSIONS or not VERSION_NAME.match(name):
+        raise ValueError(f"its version path {doc['path'][:80]!r} is not {PUBLISHED_VERSIONS}/<UTC time>-<invocation id>")
+    return doc
+
+
+def read_pointer(fs: Any, root_path: str) -> Optional[Dict[str, Any]]:
+    """The pointer in a folder of ``fs``; None when there is none. ValueError: not a pointer."""
+    path = root_path.rstrip("/") + "/" + POINTER
+    try:
+        fs.invalidate_cache(path)  # never an answer cached by an earlier call in this process
+    except Exception:
+        pass
+    try:
+        with fs.open(path, "rb") as fh:
+            raw = fh.read(POINTER_MAX_BYTES + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        return None  # S3 and GCS answer 403 for a missing object to readers without the list right
+    except Exception as exc:
+        if getattr(exc, "status", None) in (403, 404):  # http(s): aiohttp's ClientResponseError
+            return None
+        raise
+    return parse_pointer(raw)
+
+
+def published_version(uri: str) -> Optional[Dict[str, str]]:
+    """version, invocation_id and published_at of a manifest URI inside a published version folder."""
+    parts = uri.split("?", 1)[0].rstrip("/").split("/")
+    if len(parts) < 3 or parts[-1] != MANIFEST or parts[-3] != PUBLISHED_VERSIONS:
+        return None
+    match = VERSION_NAME.match(parts[-2])
+    if not match:
+        return None
+    stamp = match.group("time")
+    when = f"{stamp[0:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}Z"
+    return {"version": parts[-2], "invocation_id": match.group("invocation"), "published_at": when}
+
+
+def _redact_for(spec: EnvironmentSpec, text: str) -> str:
+    redact = getattr(spec, "redact", None)
+    return redact(text) if callable(redact) else text
+
+
+def follow_pointer(spec: EnvironmentSpec, target_path: str) -> EnvironmentSpec:
+    """``spec`` with its state moved to the version folder its publish pointer names, if any."""
+    root = pointer_root(spec.state)
+    if root is None:
+        return spec
+    fs, path = _filesystem(spec.name, root + "/" + POINTER)
+    where = _redact_for(spec, root + "/" + POINTER)
+    try:
+        doc = read_pointer(fs, path.rsplit("/", 1)[0])
+    except ValueError as exc:
+        raise ManifestError(
+            f"dbt-defer: environment '{spec.name}': {where} is not a dbt-defer publish pointer ({exc}); "
+            "publish again with dbt-defer publish, or delete it to read the folder's manifest.json"
+        ) from None
+    except Exception as exc:  # unreachable: go on with the version fetched last, if there is one
+        cached = published_version(str((cached_meta(target_path, spec.name) or {}).get("uri") or ""))
+        if cached is None:
+            raise ManifestError(
+                f"dbt-defer: environment '{spec.name}': cannot fetch {where} ({_redact_for(spec, _reason(exc))}) "
+                "and there is no cached copy; check the URI, the network and credentials, then run dbt-defer fetch"
+            ) from None
+        doc = {"path": f"{PUBLISHED_VERSIONS}/{cached['version']}"}  # unreachable there too: the cache is used
+    if doc is None:
+        return spec
+    return replace(spec, state=f"{root}/{doc['path']}")

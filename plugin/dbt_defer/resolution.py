@@ -21,6 +21,7 @@ DEV_EXISTS = "dev_exists"
 DEV_MODIFIED = "dev_modified"
 DEV_FALLBACK = "dev_fallback"
 DEFERRED = "deferred"
+MISSING = "missing"  # env and reason of a ref found nowhere (SPEC §4.6)
 
 
 @dataclass(frozen=True)

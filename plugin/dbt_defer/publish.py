@@ -1,0 +1,386 @@
+"""``dbt-defer publish`` (SPEC §8): a production or staging run's artifacts, as one version.
+
+Store layout under the publish URI (any fsspec store that writes: ``file://``, ``s3://``,
+``gs://``, ...)::
+
+    URI/latest.json                                   the pointer: which version is current
+    URI/versions/<UTC time>-<invocation id>/manifest.json
+    URI/versions/<UTC time>-<invocation id>/run_results.json
+
+Order of writes: both files into a new version folder (never written again), then the pointer
+(one object, replaced at once: a single PUT on object stores, write-then-rename elsewhere), then
+pruning of old version folders. A reader (remote.py) reads the pointer, then the folder it
+names, so it sees the old pair or the new pair, never a mix; a publisher killed before the
+pointer moves leaves an unreferenced folder that readers never see and a later prune removes.
+
+Before anything is written the artifacts are checked: a manifest this dbt can read, of this
+project, and run results of the same dbt invocation (``metadata.invocation_id``).
+
+Imports remote (the filesystem and the reader's names) and manifests; nothing imports it but
+the CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional, Tuple
+
+import msgspec
+
+from dbt_defer import remote
+from dbt_defer.manifests import (
+    BAD_STATUSES,
+    MANIFEST,
+    RUN_RESULTS,
+    LoadedManifest,
+    ManifestError,
+    load_manifest,
+    project_id_for,
+)
+
+DEFAULT_KEEP = 10
+POINTER_FORMAT = 1
+# object stores: one PUT replaces an object at once, and there are no folders to make (making
+# one there may create a bucket); anything else gets folders made and write-then-rename
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "gcsfs", "az", "abfs", "abfss", "adl", "oss", "memory"}
+
+
+class PublishError(RuntimeError):
+    """One clear line: what was not published, where, and the fix."""
+
+
+# --- the artifacts -------------------------------------------------------------------------
+
+
+class _ResultsMeta(msgspec.Struct):
+    invocation_id: Optional[str] = None
+    generated_at: Optional[str] = None
+    dbt_version: Optional[str] = None
+
+
+class _Result(msgspec.Struct):
+    unique_id: str = ""
+    status: Optional[str] = None
+
+
+class _Args(msgspec.Struct):
+    which: Optional[str] = None
+    target: Optional[str] = None
+
+
+class _RunResults(msgspec.Struct):
+    metadata: Optional[_ResultsMeta] = None
+    results: List[_Result] = msgspec.field(default_factory=list)
+    args: Optional[_Args] = None
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    folder: str
+    manifest: LoadedManifest
+    invocation_id: str
+    command: Optional[str]  # run, build, ... (run_results args.which)
+    target: Optional[str]  # the --target of the run, when it was given
+    results: int
+    failed: Dict[str, str] = field(default_factory=dict)  # unique_id -> error/fail/skipped/...
+
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.folder, MANIFEST)
+
+    @property
+    def run_results_path(self) -> str:
+        return os.path.join(self.folder, RUN_RESULTS)
+
+
+def check_artifacts(folder: str, project_name: Optional[str], *, is_compatible=None) -> Artifacts:
+    """The run's manifest.json + run_results.json in ``folder``, verified; or PublishError."""
+    manifest_path = os.path.join(folder, MANIFEST)
+    results_path = os.path.join(folder, RUN_RESULTS)
+    for path in (manifest_path, results_path):
+        if not os.path.isfile(path):
+            raise PublishError(
+                f"dbt-defer: nothing published: {path} does not exist; run dbt (build or run) first, "
+                "then publish from the same target path (--target-path)"
+            )
+    try:
+        manifest = load_manifest("publish", manifest_path, is_compatible=is_compatible)
+    except ManifestError as exc:
+        text = str(exc).replace("environment 'publish': ", "")
+        raise PublishError(text.replace("dbt-defer: ", "dbt-defer: nothing published: ", 1)) from None
+    if project_name:
+        other = manifest.project_name or (
+            f"project_id {manifest.project_id}" if manifest.project_id else None
+        )
+        same = (
+            manifest.project_name == project_name
+            if manifest.project_name
+            else (manifest.project_id is None or manifest.project_id == project_id_for(project_name))
+        )
+        if not same:
+            raise PublishError(
+                f"dbt-defer: nothing published: {manifest_path} is a manifest of project {other!r}, not of "
+                f"{project_name!r}; publish from this project's target path"
+            )
+    try:
+        with open(results_path, "rb") as fh:
+            results = msgspec.json.decode(fh.read(), type=_RunResults)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise PublishError(
+            f"dbt-defer: nothing published: {results_path} is not a dbt run_results.json ({detail}); "
+            "run dbt again to rewrite it"
+        ) from None
+    invocation = manifest.invocation_id
+    theirs = results.metadata.invocation_id if results.metadata else None
+    if not invocation or invocation != theirs:
+        raise PublishError(
+            f"dbt-defer: nothing published: {manifest_path} (invocation {invocation or 'unknown'}) and "
+            f"{results_path} (invocation {theirs or 'unknown'}) come from different dbt commands; publish "
+            "right after the dbt run or build whose results you want readers to see"
+        )
+    failed = {
+        r.unique_id: r.status for r in results.results if r.status and r.status.lower() in BAD_STATUSES
+    }
+    args = results.args or _Args()
+    return Artifacts(folder, manifest, invocation, args.which, args.target, len(results.results), failed)
+
+
+# --- the store -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    uri: str  # the publish root, as given (shown redacted)
+    version: str  # the version folder's name
+    version_uri: str
+    pointer: Dict[str, Any]
+    kept: List[str]
+    removed: List[str]
+    prune_problem: Optional[str] = None
+    already: bool = False  # the pointer named this invocation already: nothing uploaded
+
+
+def version_name(when: datetime, invocation_id: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", invocation_id)[:100] or "unknown"
+    return f"{when.astimezone(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{safe}"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _protocols(fs: Any) -> set:
+    protocol = fs.protocol
+    return {protocol} if isinstance(protocol, str) else set(protocol)
+
+
+def _reason(exc: BaseException) -> str:
+    return remote._reason(exc)
+
+
+def shown(uri: str) -> str:
+    """A URI as it may be printed: no user, password or query string (they may hold secrets)."""
+    redact = getattr(remote, "redact", None)
+    if callable(redact):
+        return redact(uri)
+    text = uri.split("?", 1)[0].split("#", 1)[0]
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        host, slash, tail = rest.partition("/")
+        if "@" in host:
+            host = "***@" + host.rsplit("@", 1)[1]
+        text = f"{scheme}://{host}{slash}{tail}"
+    return text + ("?***" if "?" in uri else "")
+
+
+def _open_store(uri: str) -> Tuple[Any, str, str]:
+    """(filesystem, root path inside it, root URI without a trailing slash)."""
+    root_uri = uri.rstrip("/")
+    if "?" in uri or "#" in uri:
+        raise PublishError(
+            f"dbt-defer: nothing published: {shown(uri)} has a query string; publish to a folder URI "
+            "(s3://bucket/prefix, gs://bucket/prefix, file:///path) and give credentials in the environment"
+        )
+    if root_uri.lower().endswith(".json"):
+        raise PublishError(
+            f"dbt-defer: nothing published: {shown(uri)} names a file; publish to the folder that readers "
+            "set as the state (e.g. s3://bucket/dbt/prod)"
+        )
+    try:
+        fs, path = remote._filesystem("publish", root_uri + "/" + remote.POINTER)
+    except ManifestError as exc:
+        raise PublishError(str(exc).replace("environment 'publish': cannot read", "cannot publish to")) from None
+    return fs, path.rsplit("/", 1)[0], root_uri
+
+
+def read_pointer(fs: Any, root: str) -> Optional[Dict[str, Any]]:
+    """The current pointer; None when there is none or it is not one (this publish replaces it)."""
+    try:
+        return remote.read_pointer(fs, root)
+    except ValueError:
+        return None
+
+
+def _exists(fs: Any, path: str) -> bool:
+    try:
+        fs.invalidate_cache(path)
+    except Exception:
+        pass
+    try:
+        return bool(fs.exists(path))
+    except Exception:
+        return False
+
+
+def _write_pointer(fs: Any, root: str, document: Dict[str, Any]) -> None:
+    data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    target = f"{root}/{remote.POINTER}"
+    if _protocols(fs) & _OBJECT_STORES:
+        fs.pipe_file(target, data)
+        return
+    scratch = f"{root}/.{remote.POINTER}.{uuid.uuid4().hex}.tmp"
+    fs.pipe_file(scratch, data)
+    try:
+        fs.mv(scratch, target)  # a rename on local and most mounted stores: readers see old or new
+    except Exception:
+        try:
+            fs.rm(scratch)
+        except Exception:
+            pass
+        raise
+
+
+def _versions(fs: Any, root: str) -> List[str]:
+    folder = f"{root}/{remote.PUBLISHED_VERSIONS}"
+    try:
+        fs.invalidate_cache(folder)
+    except Exception:
+        pass
+    try:
+        entries = fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return []
+    names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
+    return sorted(n for n in names if remote.VERSION_NAME.match(n))
+
+
+def prune(fs: Any, root: str, keep: int, current: Optional[str]) -> Tuple[List[str], List[str]]:
+    """Remove version folders but the newest ``keep`` and the pointer's own: (kept, removed)."""
+    names = _versions(fs, root)
+    kept = set(names[-keep:]) if keep > 0 else set()
+    if current:
+        kept.add(current)
+    removed = []
+    for name in names:
+        if name in kept:
+            continue
+        fs.rm(f"{root}/{remote.PUBLISHED_VERSIONS}/{name}", recursive=True)
+        removed.append(name)
+    return sorted(kept), removed
+
+
+def publish(
+    uri: str,
+    artifacts: Artifacts,
+    *,
+    env: Optional[str] = None,
+    keep: int = DEFAULT_KEEP,
+    now: Optional[datetime] = None,
+) -> Published:
+    """Upload ``artifacts`` as a new version under ``uri``, move the pointer to it, prune."""
+    if keep < 1:
+        raise PublishError(f"dbt-defer: nothing published: --keep {keep}; keep at least 1 version")
+    fs, root, root_uri = _open_store(uri)
+    where = shown(root_uri)
+    try:
+        previous = read_pointer(fs, root)
+    except Exception as exc:
+        raise PublishError(
+            f"dbt-defer: nothing published: cannot read {where}/{remote.POINTER} ({_reason(exc)}); check "
+            "the URI, the network and credentials"
+        ) from None
+    manifest = artifacts.manifest
+    if (
+        previous
+        and previous.get("invocation_id") == artifacts.invocation_id
+        and _exists(fs, f"{root}/{previous['path']}/{MANIFEST}")
+    ):
+        name = str(previous.get("version") or previous["path"].rsplit("/", 1)[-1])
+        try:
+            kept, removed = prune(fs, root, keep, name)
+            problem = None
+        except Exception as exc:
+            kept, removed, problem = [], [], _reason(exc)
+        return Published(uri, name, f"{root_uri}/{previous['path']}", previous, kept, removed, problem, True)
+
+    when = now or datetime.now(timezone.utc)
+    name = version_name(when, artifacts.invocation_id)
+    rel = f"{remote.PUBLISHED_VERSIONS}/{name}"
+    folder = f"{root}/{rel}"
+    files = {}
+    try:
+        if not _protocols(fs) & _OBJECT_STORES:
+            fs.makedirs(folder, exist_ok=True)
+        for filename, local in ((MANIFEST, artifacts.manifest_path), (RUN_RESULTS, artifacts.run_results_path)):
+            fs.put_file(local, f"{folder}/{filename}")
+            size = os.path.getsize(local)
+            try:
+                fs.invalidate_cache(f"{folder}/{filename}")
+            except Exception:
+                pass
+            uploaded = fs.info(f"{folder}/{filename}").get("size")
+            if uploaded is not None and int(uploaded) != size:
+                raise OSError(f"{filename} has {uploaded} bytes there, {size} here")
+            files[filename] = {"size": size, "sha256": _sha256(local)}
+    except NotImplementedError:
+        raise PublishError(
+            f"dbt-defer: nothing published: {where} cannot be written through fsspec (read-only store); "
+            "publish to s3://, gs:// or file:// and serve that to readers"
+        ) from None
+    except Exception as exc:
+        raise PublishError(
+            f"dbt-defer: nothing published: cannot upload to {where}/{rel} ({_reason(exc)}); check the URI "
+            "and write credentials (readers still see the previous version)"
+        ) from None
+
+    pointer = {
+        "format": POINTER_FORMAT,
+        "path": rel,
+        "version": name,
+        "invocation_id": artifacts.invocation_id,
+        "generated_at": manifest.generated_at,
+        "dbt_version": manifest.dbt_version,
+        "project_name": manifest.project_name,
+        "env": env,
+        "command": artifacts.command,
+        "target": artifacts.target,
+        "results": artifacts.results,
+        "failed_nodes": len(artifacts.failed),
+        "published_at": when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "previous": (previous or {}).get("version"),
+        "files": files,
+    }
+    try:
+        _write_pointer(fs, root, pointer)
+    except Exception as exc:
+        raise PublishError(
+            f"dbt-defer: not published: uploaded {where}/{rel} but cannot write {where}/{remote.POINTER} "
+            f"({_reason(exc)}); readers still see the previous version; check write credentials and publish again"
+        ) from None
+    try:
+        kept, removed = prune(fs, root, keep, name)
+        problem = None
+    except Exception as exc:
+        kept, removed, problem = [], [], _reason(exc)
+    return Published(uri, name, f"{root_uri}/{rel}", pointer, kept, removed, problem)

@@ -6,6 +6,7 @@ the only caller. Uses dbt's public-ish APIs (adapter, relation cache, selectors,
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import json
@@ -172,7 +173,7 @@ class ExistenceChecker:
             schema_relation = adapter.Relation.create(
                 database=database, schema=schema, identifier="", quote_policy=adapter.config.quoting
             ).without_identifier()
-            relations = adapter.list_relations_without_caching(schema_relation)
+            relations = self._list(schema_relation, f"list_{database}_{schema}")
             self.queries[key] = self.queries.get(key, 0) + 1
             for relation in relations:
                 adapter.cache.add(relation)
@@ -180,6 +181,19 @@ class ExistenceChecker:
             listed = frozenset((r.identifier or "").lower() for r in relations)
             self._listed[key] = listed
             return listed
+
+
+    def _list(self, schema_relation: Any, name: str) -> List[Any]:
+        """One metadata query on a connection of its own, in its own thread, as dbt's own
+        cache population does: the caller's connection (dbt's "master" while deferral is
+        merged, or a node's) is never renamed, released or left inside a transaction."""
+
+        def work() -> List[Any]:
+            with self.adapter.connection_named(name):
+                return list(self.adapter.list_relations_without_caching(schema_relation))
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(work).result()
 
 
 def _meta(node: Any) -> Dict[str, Any]:

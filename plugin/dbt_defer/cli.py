@@ -226,11 +226,6 @@ def _load_env(ctx: ProjectContext, spec: EnvironmentSpec, warn=_warn, local: Opt
     from dbt_defer import guard
     from dbt_defer.manifests import ManifestError
 
-    if "{{" in spec.state:
-        raise CliError(
-            f"dbt-defer: environment '{spec.name}': state {spec.state} contains Jinja, which dbt does "
-            f"not render inside vars: dbt_defer; set DBT_DEFER_{spec.name.upper()}_STATE instead"
-        )
     try:
         manifest = guard.load_environment(
             spec, ctx.target_path, ctx.name, is_compatible=_is_compatible(), warn=warn, local=local

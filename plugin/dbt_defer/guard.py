@@ -52,6 +52,12 @@ def load_environment(
     ``local``: the state's local folder when the caller has fetched it already. ``native``: dbt's
     own --state (SPEC §2): a state in the target path is dbt's business, only warned about.
     """
+    if "{{" in spec.state:
+        raise GuardError(
+            f"dbt-defer: environment '{spec.name}': state {spec.state} contains Jinja, which dbt does "
+            f"not render inside vars: dbt_defer; set DBT_DEFER_{spec.name.upper()}_STATE instead "
+            "(e.g. in your shell or CI job)"
+        )
     if local is None:
         local = local_state(spec, target_path, warn)
     try:
@@ -65,6 +71,22 @@ def load_environment(
     if project_name:
         check_project(spec, manifest, project_name)
     return manifest
+
+
+def check_distinct_states(specs: Iterable[EnvironmentSpec]) -> None:
+    """Two environments reading one state would make the chain a lie (the second never wins)."""
+    seen: Dict[str, EnvironmentSpec] = {}
+    for spec in specs:
+        key = spec.state if spec.is_uri or "\0" in spec.state else os.path.realpath(spec.state)
+        if not spec.is_uri and os.path.isfile(key):
+            key = os.path.dirname(key)
+        first = seen.setdefault(key, spec)
+        if first is not spec:
+            raise GuardError(
+                f"dbt-defer: environments '{first.name}' ({_source(first)}) and '{spec.name}' "
+                f"({_source(spec)}) read the same state; point each environment at its own artifacts "
+                f"(or remove '{spec.name}')"
+            )
 
 
 def check_not_target_path(spec: EnvironmentSpec, state: str, target_path: str) -> None:
@@ -163,6 +185,7 @@ def write_clashes(
     default_database: Optional[str],
     target_schema: Optional[str] = None,
     store_failures: bool = False,
+    suspects: Optional[Dict[str, str]] = None,
 ) -> Tuple[Dict[str, str], Dict[str, str]]:
     """(refused, shared): selected nodes that would write a relation a chain environment records.
 
@@ -171,6 +194,8 @@ def write_clashes(
     aliased onto a production table overwrites it just the same). Each value is the one line
     saying so. ``shared`` holds legacy snapshots whose target_schema is fixed (not the running
     target's schema): written from every target by dbt's design, reported but not refused.
+    ``suspects``: environment name -> why its manifest records this target's own relations
+    (``this_target_warning``); a refusal because of such an environment says that instead.
     """
     envs = list(environments)
     owners: Dict[Key, Tuple[Any, str]] = {}
@@ -201,6 +226,10 @@ def write_clashes(
                 "legacy snapshot config), so dbt-defer lets it run"
             )
             continue
+        suspect = (suspects or {}).get(env.name)
+        if suspect:
+            refused[uid] = f"dbt-defer: refusing to write {uid} into {where}: {suspect}. Nothing was written."
+            continue
         refused[uid] = (
             f"dbt-defer: refusing to write {uid} into {where}: environment '{env.name}' "
             f"({_source(env.spec)}) records that relation {whose}. Point your target at a "
@@ -208,6 +237,38 @@ def write_clashes(
             "environments: [{name: ..., target: ...}]). Nothing was written."
         )
     return refused, shared
+
+
+def this_target_warning(env: Any, manifest: Any, default_database: Optional[str], target_name: str) -> Optional[str]:
+    """Why (no "dbt-defer: " prefix, no final stop) for an environment whose manifest records this target's own relations for most
+    models, or None. Either the target writes where the environment keeps its relations, or
+    the environment's artifacts come from a run of this target (a dev manifest copied as
+    prod's); either way every write is refused later and every ref reads the target itself,
+    so it is said once, at start."""
+    compared = same = 0
+    example = None
+    for uid, env_node in env.manifest.nodes.items():
+        node = manifest.nodes.get(uid)
+        if env_node.resource_type != "model" or env_node.materialized == "ephemeral" or node is None:
+            continue
+        if getattr(node, "is_ephemeral_model", False):
+            continue
+        compared += 1
+        mine = (node.database, node.schema, node.alias or node.name)
+        if location_key(mine, default_database) == location_key(env_node.location, default_database):
+            same += 1
+            example = example or (uid, ".".join(p for p in mine if p))
+    if example is None or same * 2 <= compared:
+        return None
+    uid, where = example
+    return (
+        f"environment '{env.name}' ({_source(env.spec)}) records this target's own relations "
+        f"for {same} of {compared} models (e.g. {uid} at {where}): either target '{target_name}' writes "
+        f"where '{env.name}' keeps its relations (point the target at a development schema), or that "
+        f"manifest comes from a run of target '{target_name}' (point '{env.name}' at the artifacts of the "
+        f"job that builds it); if target '{target_name}' does build '{env.name}', name it: vars: dbt_defer: "
+        f"environments: [{{name: {env.name}, target: {target_name}, ...}}]"
+    )
 
 
 def stale_warning(spec: EnvironmentSpec, manifest: LoadedManifest, max_age_hours: float, now=None) -> Optional[str]:

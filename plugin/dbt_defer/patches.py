@@ -69,6 +69,7 @@ def _run(self: Any) -> Any:
     with _ACTIVE_LOCK:
         previous, _ACTIVE = _ACTIVE, session
     error: Optional[BaseException] = None
+    _finish_before_end_messages(self, session)
     try:
         return original(self)
     except BaseException as exc:
@@ -77,7 +78,25 @@ def _run(self: Any) -> Any:
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE = previous
-        _finish(session, error)
+        vars(self).pop("task_end_messages", None)
+        if not getattr(session, "finished", False):
+            _finish(session, error)
+
+
+def _finish_before_end_messages(task: Any, session: Any) -> None:
+    """dbt-defer's end-of-run lines (audit summary, cross-environment tests) come before dbt's
+    own closing lines ("Completed successfully", "Done. PASS=..."), not after them: the
+    session finishes where dbt prints those, on this task instance only."""
+    end_messages = getattr(task, "task_end_messages", None)
+    if end_messages is None:
+        return
+
+    def task_end_messages(results: Any) -> Any:
+        if not getattr(session, "finished", False):
+            _finish(session, None)
+        return end_messages(results)
+
+    task.task_end_messages = task_end_messages
 
 
 def _finish(session: Any, error: Optional[BaseException]) -> None:

@@ -228,6 +228,7 @@ class DeferSession:
         self._modified_cache: Dict[Tuple[str, str], bool] = {}
         self._writes = True  # does this command build its selected nodes? (set in merge)
         self.merged = False
+        self.finished = False  # finish() ran (before dbt's closing lines, or at the very end)
 
     # --- set-up ------------------------------------------------------------------------
 
@@ -256,6 +257,12 @@ class DeferSession:
             )
         target_path = os.path.realpath(_target_path(task.config))
         project = task.config.project_name
+        _note_ignored_defer_state(task, cfg)
+        if not cfg.native:
+            try:
+                guard.check_distinct_states(chain)
+            except guard.GuardError as exc:
+                raise DbtRuntimeError(str(exc)) from None
         envs = []
         for spec in chain:
             try:
@@ -295,7 +302,12 @@ class DeferSession:
         # commands that build their selection; DBT_DEFER_COMPILE_AS=build makes compile/show
         # resolve (and guard) exactly as the build of the same selection would
         self._writes = guard.task_writes(task) or self.cfg.compile_as == "build"
-        self._guard(task)
+        suspects = {}
+        for env in self.environments:
+            why = guard.this_target_warning(env, manifest, _default_database(task.config), self.current)
+            if why:
+                suspects[env.name] = why
+        self._guard(task, suspects)
         # nodes: the 'graph' Jinja variable is patched with them (with_defer_relation)
         if self.native:
             self._drop_deferral(manifest, self.restricted)
@@ -307,19 +319,27 @@ class DeferSession:
                 manifest.build_flat_graph()
         self.merged = True
 
-    def _guard(self, task: Any) -> None:
+    def _guard(self, task: Any, suspects: Dict[str, str]) -> None:
         """SPEC §7: selected nodes that would write a chain relation fail before executing (their
-        descendants are skipped by dbt); in native mode this only warns."""
+        descendants are skipped by dbt); in native mode this only warns. ``suspects``: chain
+        environments whose manifests record this target's own relations: said once, at start,
+        or by each refusal they cause."""
         from dbt.task.test import TestTask
 
         if not (self._writes or isinstance(task, TestTask)):
+            for why in suspects.values():
+                log(f"dbt-defer: {why}", EventLevel.WARN)
             return
         refused, shared = guard.write_clashes(
             self._selected_now(), task.manifest, self.environments,
             default_database=_default_database(task.config),
             target_schema=getattr(task.config.credentials, "schema", None),
             store_failures=bool(getattr(task.args, "store_failures", False)),
+            suspects=suspects,
         )
+        if not refused:
+            for why in suspects.values():
+                log(f"dbt-defer: {why}", EventLevel.WARN)
         for line in shared.values():
             log(line, EventLevel.INFO)
         if self.native:
@@ -601,6 +621,7 @@ class DeferSession:
         each failing step is one warning line and the summary line still ends the run (what
         could still escape, patches._finish catches). ``error``: what dbt raised, if it did."""
         task = self.task
+        self.finished = True
         if self.plain:  # nothing to defer to: a plain dbt run, with no audit of its own
             return
         if not self.merged and error is not None:  # refused before resolving anything
@@ -615,7 +636,9 @@ class DeferSession:
         document = audit.build_document(records, metadata=metadata, environments=self._described(), saved=saved)
         _write_audit(task, document)
         try:
-            for test, envs in audit.cross_environment_tests(records).items():
+            # only commands that run tests report them (compile/show only compile them)
+            ran_tests = _command(task) in ("test", "build")
+            for test, envs in (audit.cross_environment_tests(records) if ran_tests else {}).items():
                 log(
                     f"dbt-defer: {test} compares data across environments ({', '.join(envs)}); "
                     "its result may not hold in any single environment",
@@ -714,6 +737,17 @@ def profile_targets(config: Any, args: Any) -> Optional[List[str]]:
     except Exception:
         return None
     return [str(name) for name in outputs] if isinstance(outputs, dict) else None
+
+
+def _note_ignored_defer_state(task: Any, cfg: DeferConfig) -> None:
+    """--defer-state given while vars/env vars configure the chain: say it is not used."""
+    given = _str(getattr(task.args, "defer_state", None))
+    if given and not cfg.native and not any(spec.source.startswith("--") for spec in cfg.environments):
+        log(
+            f"dbt-defer: --defer-state {given} is not used: the chain comes from vars: dbt_defer / "
+            f"DBT_DEFER_<NAME>_STATE ({', '.join(e.name for e in cfg.environments)}); add it there as an "
+            "environment to read it, or drop the flag"
+        )
 
 
 def _warn_unknown_limit_targets(task: Any, cfg: DeferConfig) -> None:

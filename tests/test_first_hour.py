@@ -1,0 +1,112 @@
+"""The mistakes new users really make are said at start, in one line (issue 14), and
+dbt-defer's end-of-run lines come before dbt's own closing lines. Real dbt runs on DuckDB
+(nothing here depends on the adapter)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from conftest import built_environments
+from dbt_harness import make_project
+
+ENV = {"DBT_DEFER": "1", "DBT_DEFER_STAGING_STATE": "staging-artifacts", "DBT_DEFER_PROD_STATE": "prod-artifacts"}
+REL_TEST = "test.dbt_defer_integration_tests.relationships_model_b_id__id__ref_model_a_.ea90810b97"
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory):
+    p = make_project(tmp_path_factory.mktemp("duckdb"), "duckdb")
+    built_environments(p)
+    yield p
+    p.drop_schemas()
+
+
+def ours(result, level=None):
+    return [m["msg"] for m in result.messages
+            if m["msg"].startswith("dbt-defer:") and (level is None or m["level"] == level)]
+
+
+def test_defer_state_flag_is_said_to_be_unused_when_the_chain_is_configured(proj):
+    result = proj.dbt("compile", "-s", "stg_customers", "--defer-state", "prod-artifacts", env=ENV)
+    [line] = [m for m in ours(result, "info") if "--defer-state" in m]
+    assert line.startswith("dbt-defer: --defer-state prod-artifacts is not used")
+    assert "staging, prod" in line
+    # dbt's own flag alone is still the prod environment: nothing to say then
+    alone = proj.dbt("compile", "-s", "stg_customers", "--defer-state", "prod-artifacts", env={"DBT_DEFER": "1"})
+    assert not [m for m in ours(alone) if "--defer-state" in m]
+
+
+def test_two_environments_reading_one_state_are_refused_at_start(proj):
+    env = {**ENV, "DBT_DEFER_STAGING_STATE": "prod-artifacts"}
+    result = proj.dbt("compile", "-s", "customers", env=env, expect=False)
+    assert re.search(r"dbt-defer: environments 'staging' \(DBT_DEFER_STAGING_STATE=\S*/prod-artifacts\) and "
+                     r"'prod' \(DBT_DEFER_PROD_STATE=\S*/prod-artifacts\) read the same state; point each "
+                     r"environment at its own artifacts", str(result.exception))
+    # a manifest file and its folder are one state too
+    env = {**ENV, "DBT_DEFER_STAGING_STATE": "prod-artifacts/manifest.json"}
+    result = proj.dbt("compile", "-s", "customers", env=env, expect=False)
+    assert "read the same state" in str(result.exception)
+
+
+def test_a_dev_manifest_given_as_prod_is_named_at_start(proj):
+    proj.dbt("compile")  # writes the dev target's own manifest into target/
+    copied = proj.root / "dev-copy"
+    copied.mkdir(exist_ok=True)
+    shutil.copy(proj.target / "manifest.json", copied / "manifest.json")
+    result = proj.dbt("compile", "-s", "customers", env={"DBT_DEFER": "1", "DBT_DEFER_PROD_STATE": "dev-copy"})
+    [line] = [m for m in ours(result, "warn") if "records this target's own relations" in m]
+    assert re.match(r"dbt-defer: environment 'prod' \(DBT_DEFER_PROD_STATE=\S*/dev-copy\) records this "
+                    r"target's own relations for \d+ of \d+ models", line)
+    assert "target 'dev'" in line and "name: prod, target: dev" in line
+    # real prod artifacts: not a word
+    fine = proj.dbt("compile", "-s", "customers", env=ENV)
+    assert not [m for m in ours(fine) if "own relations" in m]
+
+
+def test_jinja_in_a_state_is_explained_by_the_run(proj):
+    settings = {"dbt_defer": {"environments": [{"name": "prod", "state": "{{ env_var('PROD_STATE') }}"}]}}
+    result = proj.dbt("compile", "-s", "customers", "--vars", json.dumps(settings),
+                      env={"DBT_DEFER": "1"}, expect=False)
+    message = str(result.exception)
+    assert "contains Jinja, which dbt does not render inside vars: dbt_defer" in message
+    assert "set DBT_DEFER_PROD_STATE instead" in message
+
+
+def test_end_of_run_lines_come_before_dbts_closing_lines(proj):
+    result = proj.dbt("build", "-s", "model_b", env=ENV)
+    texts = [m["msg"] for m in result.messages]
+    names = [m["name"] for m in result.messages]
+    done = names.index("StatsLine")  # "Done. PASS=..."
+    warning = next(i for i, t in enumerate(texts) if t.startswith("dbt-defer:") and "compares data across" in t)
+    summary = next(i for i, t in enumerate(texts) if t.startswith("dbt-defer:") and " resolved" in t)
+    assert warning < summary < done
+    assert REL_TEST in texts[warning]
+    assert not [t for t in texts[done:] if t.startswith("dbt-defer:")]
+
+
+def test_commands_that_run_no_tests_do_not_warn_about_them(proj):
+    result = proj.dbt("compile", "-s", "model_b", env=ENV)
+    assert not [m for m in ours(result, "warn") if "compares data across" in m]
+    # the audit still flags the test: it is the same resolution
+    flagged = {r["node"] for r in proj.audit()["resolutions"] if r["cross_environment"]}
+    assert flagged == {REL_TEST}
+
+
+def test_a_build_against_a_dev_manifest_given_as_prod_says_why_it_is_refused(proj):
+    proj.dbt("compile")
+    copied = proj.root / "dev-copy"
+    copied.mkdir(exist_ok=True)
+    shutil.copy(proj.target / "manifest.json", copied / "manifest.json")
+    result = proj.dbt("run", "-s", "customers", env={"DBT_DEFER": "1", "DBT_DEFER_PROD_STATE": "dev-copy"},
+                      expect=False)
+    [node_result] = result.node_results().values()
+    assert str(node_result.status) == "error"
+    assert "refusing to write model.dbt_defer_integration_tests.customers" in node_result.message
+    assert "records this target's own relations" in node_result.message
+    assert "Point your target at a development schema, or name" not in node_result.message
+    # said once, by the refusal: not also as a warning at start
+    assert not [m for m in ours(result, "warn") if "own relations" in m]

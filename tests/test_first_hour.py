@@ -110,3 +110,14 @@ def test_a_build_against_a_dev_manifest_given_as_prod_says_why_it_is_refused(pro
     assert "Point your target at a development schema, or name" not in node_result.message
     # said once, by the refusal: not also as a warning at start
     assert not [m for m in ours(result, "warn") if "own relations" in m]
+
+
+def test_an_error_inside_ref_names_the_package_macro_apart_from_the_shim(proj):
+    bad = proj.write("models/bad_ref.sql", "select * from {{ ref('a', 'b', 'c') }}\n")
+    try:
+        result = proj.dbt("compile", "-s", "bad_ref", env=ENV, expect=False)
+    finally:
+        bad.unlink()
+    message = str(result.exception)
+    assert "called by macro ref (macros/dbt_defer/ref.sql)" in message  # the package's
+    assert "called by macro ref (macros/ref.sql)" in message  # the root project's shim

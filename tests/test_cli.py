@@ -107,6 +107,39 @@ def test_status_table_and_json(envs, capsys):
     assert doc["usable"] is True
 
 
+def test_status_names_the_target_its_chain_and_the_shim(envs, capsys):
+    code, out, err = run_cli(capsys, envs, "status", "--target", "dev")
+    assert code == 0, err
+    assert "target 'dev': the target's own relations first, then:" in out
+    assert "ref shim: installed (macros/ref.sql)" in out
+    code, out, err = run_cli(capsys, envs, "status", "--target", "staging")
+    assert "target 'staging' builds environment 'staging', so its runs defer only to prod:" in out
+    code, out, err = run_cli(capsys, envs, "status", "--target", "prod", "--output", "json")
+    assert json.loads(out)["ref_shim"] == "macros/ref.sql"
+
+    shim = envs.root / "macros" / "ref.sql"
+    saved = shim.read_text()
+    shim.unlink()
+    try:
+        code, out, err = run_cli(capsys, envs, "status", "--target", "dev")
+    finally:
+        shim.write_text(saved)
+    assert "ref shim: not installed; add macros/ref.sql containing: {% macro ref() %}" in out
+
+
+def test_explain_shortens_ids_like_dbt_and_json_keeps_them(envs, capsys):
+    code, out, err = run_cli(capsys, envs, "explain", "-s", "model_b", "--target", "dev")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| node")]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows if not set(row) <= set("|- ")]
+    assert ["model_b", "model_a"] == cells[0][:2]
+    assert ["test relationships_model_b_id__id__ref_model_a_", "model_a"] in [c[:2] for c in cells]
+    assert "test.dbt_defer_integration_tests" not in out and max(len(line) for line in out.splitlines()) < 170
+    code, out, err = run_cli(capsys, envs, "explain", "-s", "model_b", "--target", "dev", "--output", "json")
+    nodes = {r["node"] for r in json.loads(out)["resolutions"]}
+    assert "test.dbt_defer_integration_tests.relationships_model_b_id__id__ref_model_a_.ea90810b97" in nodes
+
+
 def test_status_stale_is_reported_but_usable(envs, capsys):
     code, out, _ = run_cli(capsys, envs, "status", "--vars", "{dbt_defer: {max_age_hours: 0.000001}}", "--output", "json")
     assert code == 0

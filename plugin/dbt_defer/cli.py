@@ -23,6 +23,7 @@ import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from dbt_defer import __version__, limits
+from dbt_defer.guard import SHIM
 from dbt_defer.config import DeferConfig, DeferConfigError, EnvironmentSpec, load_config, overlay_settings, truthy
 
 AUDIT_FILE = "dbt_defer_audit.json"
@@ -283,6 +284,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         envs.append(row)
 
     applies, limit = cfg.limit_for_target(ctx.target_name or "")
+    shim = shim_file(ctx)
     targets = ctx.profile_targets()
     unknown = limits.unknown_targets(cfg.limits, targets) if targets else []
     limits_warning = (
@@ -298,6 +300,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "dev_relations_source": cfg.dev_relations_source,
         "limit": limit if applies else None,
         "unknown_limit_targets": unknown,
+        "ref_shim": shim,
         "environments": envs,
         "usable": not problems and bool(envs),
     }
@@ -323,7 +326,17 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "ok" if e["usable"] else "UNUSABLE",
                 ]
             )
-        _say(f"dbt-defer chain for project {ctx.name!r}: dev (the current target) first, then:")
+        target = ctx.target_name or "(the profile's default)"
+        own, chain = cfg.chain_for_target(ctx.target_name or "")
+        if own is None:
+            _say(f"dbt-defer chain for project {ctx.name!r}, target {target!r}: the target's own relations "
+                 "first, then:")
+        elif chain:
+            _say(f"dbt-defer chain for project {ctx.name!r}: target {target!r} builds environment "
+                 f"{own.name!r}, so its runs defer only to {', '.join(e.name for e in chain)}:")
+        else:
+            _say(f"dbt-defer chain for project {ctx.name!r}: target {target!r} builds environment "
+                 f"{own.name!r}, the last of the chain, so its runs are plain dbt (no deferral):")
         _print_table(
             ["name", "source", "configured by", "generated_at", "age", "dbt version", "nodes", "stale",
              "published (invocation, age)", "usable"],
@@ -337,6 +350,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"max_age_hours: {cfg.max_age_hours:g}; "
             f"limit for target {ctx.target_name or '(unknown)'}: {limit_text}"
         )
+        _say(
+            f"ref shim: installed ({shim})" if shim else
+            "ref shim: not installed; add macros/ref.sql containing: " + SHIM
+        )
     if not envs:
         print(
             "dbt-defer: no environment is configured; add vars: dbt_defer: environments to dbt_project.yml, "
@@ -349,6 +366,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     for problem in problems:
         _say(problem, sys.stderr)
     return 1 if problems else 0
+
+
+_REF_MACRO = re.compile(r"\{%-?\s*macro\s+ref\s*\(")
+
+
+def shim_file(ctx: ProjectContext) -> Optional[str]:
+    """The root project's file overriding ``ref`` through dbt_defer.ref (relative path), or None."""
+    paths = ctx.project.get("macro-paths") or ["macros"]
+    for folder in paths if isinstance(paths, list) else ["macros"]:
+        top = os.path.join(ctx.root, str(folder))
+        for here, dirs, files in os.walk(top):
+            dirs.sort()
+            for name in sorted(files):
+                if not name.endswith(".sql"):
+                    continue
+                path = os.path.join(here, name)
+                try:
+                    with open(path, encoding="utf-8", errors="replace") as fh:
+                        text = fh.read(1_000_000)
+                except OSError:
+                    continue
+                if _REF_MACRO.search(text) and "dbt_defer.ref" in text:
+                    return os.path.relpath(path, ctx.root)
+    return None
 
 
 def _published(ctx: ProjectContext, spec: EnvironmentSpec) -> Optional[Dict[str, Any]]:
@@ -509,6 +550,23 @@ def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Tuple[Dict[str
 
 
 _SUMMARY_LINE = re.compile(r"^dbt-defer: \d+ refs? resolved")
+_TEST_HASH = re.compile(r"^[0-9a-f]{10}$")
+
+
+def short_id(unique_id: str, project: Optional[str]) -> str:
+    """A unique_id as dbt's own log lines name the node: ``model.shop.customers`` -> ``customers``,
+    ``test.shop.not_null_customers_id.5c9bf9911d`` -> ``test not_null_customers_id``; another
+    package's node keeps its package (``calendar.calendar_years``)."""
+    parts = str(unique_id).split(".")
+    if len(parts) < 3:
+        return str(unique_id)
+    kind, package, rest = parts[0], parts[1], parts[2:]
+    if kind == "test" and len(rest) > 1 and _TEST_HASH.match(rest[-1]):
+        rest = rest[:-1]
+    name = ".".join(rest)
+    if package != project:
+        name = f"{package}.{name}"
+    return name if kind == "model" else f"{kind} {name}"
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -533,11 +591,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 0
     _print_table(
         ["node", "ref", "env", "relation", "reason", "limit"],
-        [[r["node"], r["ref"], r["env"], r["relation"], r["reason"], r.get("limit")] for r in records],
+        [[short_id(r["node"], ctx.name), short_id(r["ref"], ctx.name), r["env"], r["relation"], r["reason"],
+          r.get("limit")] for r in records],
     )
     crossed = sorted({r["node"] for r in records if r.get("cross_environment")})
     for node in crossed:
-        _say(f"note: {node} compares data across environments")
+        _say(f"note: {short_id(node, ctx.name)} compares data across environments")
+    _say("(ids shortened as dbt's own output does; --output json has them in full)")
     _say(line or audit.summary_line(document.get("summary", {}), (r.get("limit") for r in records)))
     return 0
 

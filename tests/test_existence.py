@@ -6,6 +6,7 @@ cache adds relations slowly, so a reader that trusted the cache mid-listing woul
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ class FakeAdapter:
             create=lambda database, schema, identifier, quote_policy: FakeRelation(database, schema, identifier)
         )
         self.listed = []
+        self.connections = []  # (connection name, thread) of each listing
+
+    @contextlib.contextmanager
+    def connection_named(self, name):
+        self.connections.append((name, threading.current_thread().name))
+        yield
 
     def list_relations_without_caching(self, schema_relation):
         self.listed.append(schema_relation.schema)
@@ -107,3 +114,13 @@ def test_an_empty_or_missing_schema_is_listed_once():
     checker = ExistenceChecker(adapter)
     assert _hammer(checker, ("db", "staging", "x")) == [False] * 8
     assert adapter.listed == ["staging"]
+
+
+def test_listing_runs_on_its_own_named_connection_in_its_own_thread():
+    """Never on the caller's connection: during the merge that is dbt's "master", which a listing
+    would leave inside a transaction (dbt 1.8 + dbt-duckdb: every on-run-start hook then failed)."""
+    adapter = FakeAdapter({"prod": ["a"]})
+    checker = ExistenceChecker(adapter)
+    assert checker.exists(("db", "prod", "a"))
+    [(name, thread)] = adapter.connections
+    assert name == "list_db_prod" and thread != threading.current_thread().name

@@ -347,13 +347,14 @@ def test_fetch_over_http_cache_reuse_auto_fetch_and_unreachable(envs, capsys):
     server = Server(envs.root)
     try:
         env = {"DBT_DEFER_STAGING_STATE": "staging-artifacts", "DBT_DEFER_PROD_STATE": f"{server.url}/prod-artifacts"}
-        cache = envs.target / "dbt_defer_state" / "prod"
 
         code, out, err = run_cli(capsys, envs, "fetch", "--output", "json", env=env)
         assert code == 0, err
         rows = {r["name"]: r for r in json.loads(out)["environments"]}
         assert rows["prod"]["action"] == "downloaded" and rows["prod"]["ok"] and rows["prod"]["run_results"]
         assert rows["staging"]["action"].startswith("local") and rows["staging"]["ok"]
+        cache = Path(rows["prod"]["local"])  # the version folder that the cache's fetch.json names
+        assert cache.parent == envs.target / "dbt_defer_state" / "prod"
         assert (cache / "manifest.json").read_bytes() == (envs.root / "prod-artifacts" / "manifest.json").read_bytes()
         assert (cache / "run_results.json").exists()
         assert server.gets("manifest.json") == 1

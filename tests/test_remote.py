@@ -119,9 +119,11 @@ def test_http_fetch_then_reuse_then_refetch_when_changed(served, tmp_path):
 
     first = remote.fetch(env, str(target))
     assert first.action == "downloaded"
-    assert first.local == str(target / "dbt_defer_state" / "prod")
-    assert (target / "dbt_defer_state" / "prod" / "manifest.json").read_text() == (root / "prod" / "manifest.json").read_text()
-    assert (target / "dbt_defer_state" / "prod" / "run_results.json").exists()
+    # each fetched version has its own folder in the environment's cache; fetch.json names it
+    assert Path(first.local).parent == target / "dbt_defer_state" / "prod"
+    assert first.local == remote.cached_folder(str(target), "prod")
+    assert (Path(first.local) / "manifest.json").read_text() == (root / "prod" / "manifest.json").read_text()
+    assert (Path(first.local) / "run_results.json").exists()
     assert first.run_results
     assert server.gets("manifest.json") == 1
 
@@ -136,7 +138,7 @@ def test_http_fetch_then_reuse_then_refetch_when_changed(served, tmp_path):
     write_manifest(root / "prod", generated_at="2024-02-02T00:00:00Z", extra_node=True)
     third = remote.fetch(env, str(target))
     assert third.action == "downloaded"
-    cached = json.loads((target / "dbt_defer_state" / "prod" / "manifest.json").read_text())
+    cached = json.loads((Path(third.local) / "manifest.json").read_text())
     assert cached["metadata"]["generated_at"] == "2024-02-02T00:00:00Z"
 
     # run_results.json removed remotely: removed from the cache too
@@ -145,7 +147,7 @@ def test_http_fetch_then_reuse_then_refetch_when_changed(served, tmp_path):
     write_manifest(root / "prod", generated_at="2024-03-03T00:00:00Z")
     fourth = remote.fetch(env, str(target))
     assert fourth.action == "downloaded" and not fourth.run_results
-    assert not (target / "dbt_defer_state" / "prod" / "run_results.json").exists()
+    assert not (Path(fourth.local) / "run_results.json").exists()
 
 
 def test_force_downloads_even_when_unchanged(served, tmp_path):
@@ -178,7 +180,8 @@ def test_unreachable_falls_back_to_the_cache_with_its_age(served, tmp_path):
     warnings: List[str] = []
     result = remote.fetch(env, target, warn=warnings.append)
     assert result.action == "cached (unreachable)"
-    assert result.local == os.path.join(target, "dbt_defer_state", "prod")
+    assert result.local == remote.cached_folder(target, "prod")
+    assert os.path.dirname(result.local) == os.path.join(target, "dbt_defer_state", "prod")
     assert len(warnings) == 1
     line = warnings[0]
     assert "\n" not in line
@@ -211,15 +214,16 @@ def test_not_a_manifest_is_refused_and_the_cache_kept(served, tmp_path):
     server, root = served
     env = spec(f"{server.url}/prod")
     target = tmp_path / "target"
-    remote.fetch(env, str(target))
-    good = (target / "dbt_defer_state" / "prod" / "manifest.json").read_text()
+    good_folder = remote.fetch(env, str(target)).local
+    good = (Path(good_folder) / "manifest.json").read_text()
     time.sleep(1.1)
     (root / "prod" / "manifest.json").write_text("<html>login</html>")
     with pytest.raises(ManifestError) as err:
         remote.fetch(env, str(target))
     assert f"{server.url}/prod/manifest.json is not valid JSON" in str(err.value)
     assert ".incoming" not in str(err.value)
-    assert (target / "dbt_defer_state" / "prod" / "manifest.json").read_text() == good
+    assert remote.cached_folder(str(target), "prod") == good_folder
+    assert (Path(good_folder) / "manifest.json").read_text() == good
     assert not [p for p in (target / "dbt_defer_state" / "prod").iterdir() if p.name.startswith(".incoming")]
 
 

@@ -232,7 +232,7 @@ def _load_env(ctx: ProjectContext, spec: EnvironmentSpec, warn=_warn, local: Opt
             spec, ctx.target_path, ctx.name, is_compatible=_is_compatible(), warn=warn, local=local
         )
     except (ManifestError, guard.GuardError) as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(spec.redact(str(exc))) from None
     return manifest, manifest.path
 
 
@@ -252,7 +252,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for spec in cfg.environments:
         row: Dict[str, Any] = {
             "name": spec.name,
-            "state": spec.state,
+            "state": spec.redact(spec.state),  # never a URI's credentials or query string
             "configured_by": spec.source,
             "manifest": None,
             "generated_at": None,
@@ -626,7 +626,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             continue
         row: Dict[str, Any] = {
             "name": spec.name,
-            "state": spec.state,
+            "state": spec.redact(spec.state),  # never a URI's credentials or query string
             "action": None,
             "local": None,
             "fetched_at": None,
@@ -641,9 +641,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                 from dbt_defer.manifests import ManifestError
 
                 try:
-                    result = remote.fetch(spec, ctx.target_path, force=args.force, warn=_warn)
+                    result = remote.fetch(spec, ctx.target_path, force=args.force, warn=_warn,
+                                          project_name=ctx.name)
                 except ManifestError as exc:
-                    raise CliError(str(exc)) from None
+                    raise CliError(spec.redact(str(exc))) from None
                 row.update(action=result.action, local=result.local, fetched_at=result.fetched_at,
                            run_results=result.run_results, published=remote.published_version(result.uri))
             else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import unquote
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
@@ -49,6 +50,11 @@ class EnvironmentSpec:
     @property
     def is_uri(self) -> bool:
         return is_uri(self.state)
+
+    def redact(self, text: str) -> str:
+        """``text`` as it may be shown: no credentials or query string of any URI in it, and none
+        of this environment's own secret parts (also where a message quotes them without the URI)."""
+        return redact(text, secrets=uri_secrets(self.state))
 
     @property
     def builds_with(self) -> str:
@@ -108,6 +114,57 @@ class DeferConfig:
 
 def is_uri(state: str) -> bool:
     return "://" in state
+
+
+# --- secrets in state URIs (SPEC §7): rendered as *** wherever a state is shown ----------------
+
+REDACTED = "***"
+# the user[:password]@ of a URI's authority (no '/', '?', '#' or space before the '@')
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s?#'\"<>@]*@")
+# a URI's query string, up to a space, a quote, a bracket or an fsspec chain separator (::)
+_QUERY = re.compile(r"(?P<uri>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s?'\"<>]*?)\?(?:[^\s'\"<>)\]:]|:(?!:))*")
+_MIN_SECRET = 4  # shorter literal values are not replaced everywhere (they would mangle the text)
+
+
+def uri_secrets(state: str) -> Tuple[str, ...]:
+    """The secret parts of a state URI: each segment's user:password and its query string (and the
+    values in it), as written and percent-decoded. Nothing for a local path."""
+    found = set()
+    if not is_uri(state):
+        return ()
+    for segment in state.split("::"):
+        scheme, sep, rest = segment.partition("://")
+        if not sep:
+            continue
+        location, q, query = rest.partition("?")
+        if q and query:
+            found.add(query)
+            for pair in query.split("&"):
+                found.add(pair.partition("=")[2])
+        if "@" in location:
+            userinfo = location.rsplit("@", 1)[0]
+            user, colon, password = userinfo.partition(":")
+            # user:pass@host, also with a '/' in the password (an S3 secret key); not host/path@x
+            # nor host:port/path@x
+            if "/" not in userinfo or (colon and "/" not in user and not password.split("/")[0].isdigit()):
+                found.update((userinfo + "@", password))
+    out = set()
+    for value in found:
+        for form in (value, unquote(value)):
+            if len(form) >= _MIN_SECRET:
+                out.add(form)
+    return tuple(sorted(out, key=len, reverse=True))  # longest first: no partial replacements
+
+
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` without the credentials and query strings of the URIs in it (``***`` instead),
+    nor any of ``secrets`` (literal strings, e.g. ``uri_secrets(state)``). One line stays one line."""
+    text = str(text)
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED + ("@" if secret.endswith("@") else ""))
+    text = _USERINFO.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
+    return _QUERY.sub(lambda m: m.group("uri") + "?" + REDACTED, text)
 
 
 def truthy(value: Optional[str]) -> bool:

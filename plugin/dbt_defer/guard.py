@@ -24,16 +24,23 @@ class GuardError(RuntimeError):
 
 
 def _source(spec: EnvironmentSpec) -> str:
-    return f"{spec.source}={spec.state}" if spec.source.startswith(("DBT_", "--")) else spec.state
+    state = spec.redact(spec.state)  # a URI's credentials and query string are never shown
+    return f"{spec.source}={state}" if spec.source.startswith(("DBT_", "--")) else state
 
 
-def local_state(spec: EnvironmentSpec, target_path: str, warn: Optional[Callable[[str], None]] = None) -> str:
-    """The local folder/file for an environment's state; a URI is fetched into the cache first."""
+def local_state(
+    spec: EnvironmentSpec,
+    target_path: str,
+    warn: Optional[Callable[[str], None]] = None,
+    project_name: Optional[str] = None,
+) -> str:
+    """The local folder/file for an environment's state; a URI is fetched into the cache first
+    (a download of another project's manifest is refused before it replaces the cached copy)."""
     if not spec.is_uri:
         return spec.state
     from dbt_defer import remote
 
-    return remote.fetch_state(spec, target_path, warn=warn)
+    return remote.fetch_state(spec, target_path, warn=warn, project_name=project_name)
 
 
 def load_environment(
@@ -54,12 +61,12 @@ def load_environment(
     """
     if "{{" in spec.state:
         raise GuardError(
-            f"dbt-defer: environment '{spec.name}': state {spec.state} contains Jinja, which dbt does "
+            f"dbt-defer: environment '{spec.name}': state {spec.redact(spec.state)} contains Jinja, which dbt does "
             f"not render inside vars: dbt_defer; set DBT_DEFER_{spec.name.upper()}_STATE instead "
             "(e.g. in your shell or CI job)"
         )
     if local is None:
-        local = local_state(spec, target_path, warn)
+        local = local_state(spec, target_path, warn, project_name)
     try:
         check_not_target_path(spec, local, target_path)
     except GuardError as exc:

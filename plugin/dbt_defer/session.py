@@ -118,7 +118,7 @@ class Environment:
     def describe(self) -> Dict[str, Any]:
         return {
             "name": self.name,
-            "state": self.spec.state,
+            "state": self.spec.redact(self.spec.state),
             "generated_at": self.manifest.generated_at,
             "nodes": self.manifest.node_count,
         }
@@ -269,13 +269,14 @@ class DeferSession:
                 manifest = guard.load_environment(
                     spec, target_path, None if cfg.native else project,
                     is_compatible=WritableManifest.is_compatible_version,
-                    native=cfg.native, warn=lambda line: log(line, EventLevel.WARN),
+                    native=cfg.native, warn=lambda line, spec=spec: log(spec.redact(line), EventLevel.WARN),
                 )
             except (ManifestError, guard.GuardError) as exc:
                 if cfg.native:
-                    log(f"{exc} (dbt's own --defer reads this state; dbt-defer only audits it)", EventLevel.WARN)
+                    log(f"{spec.redact(str(exc))} (dbt's own --defer reads this state; dbt-defer only audits it)",
+                        EventLevel.WARN)
                     continue
-                raise DbtRuntimeError(str(exc)) from None
+                raise DbtRuntimeError(spec.redact(str(exc))) from None
             envs.append(Environment(spec, manifest))
             stale = guard.stale_warning(spec, manifest, cfg.max_age_hours)
             if stale:

@@ -147,7 +147,7 @@ def uri_secrets(state: str) -> Tuple[str, ...]:
             # user:pass@host, also with a '/' in the password (an S3 secret key); not host/path@x
             # nor host:port/path@x
             if "/" not in userinfo or (colon and "/" not in user and not password.split("/")[0].isdigit()):
-                found.update((userinfo + "@", password))
+                found.update((userinfo + "@", password, *password.split("/")))
     out = set()
     for value in found:
         for form in (value, unquote(value)):

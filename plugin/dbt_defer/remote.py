@@ -153,10 +153,16 @@ def max_state_bytes(environ: Optional[Dict[str, str]] = None) -> int:
 
 
 def _split(uri: str) -> Tuple[str, str, str]:
-    """(first location, its query string with '?', the rest of an fsspec chain with '::')."""
-    head, sep, chain = uri.partition("::")
-    head, q, query = head.partition("?")
-    return head, q + query, sep + chain
+    """(the location of the path, its query string with '?', the rest of an fsspec chain with '::').
+
+    In a chained URI the path is in the first segment with '://' (``zip://prod::file:///a.zip``);
+    bare protocol names before it (``simplecache::s3://b/prod``) stay in front of it."""
+    segments = uri.split("::")
+    at = next((i for i, seg in enumerate(segments) if "://" in seg), 0)
+    prefix = "".join(seg + "::" for seg in segments[:at])
+    head, q, query = segments[at].partition("?")
+    chain = "".join("::" + seg for seg in segments[at + 1:])
+    return prefix + head, q + query, chain
 
 
 def manifest_uri(state: str) -> str:
@@ -207,12 +213,13 @@ def _filesystem(env_name: str, uri: str, timeout: Optional[float] = None) -> Tup
             f"dbt-defer: environment '{env_name}': state {shown} is a URI but fsspec is not installed; "
             "pip install fsspec"
         ) from None
-    protocol = uri.split("://", 1)[0].lower()
+    protocols = [seg.split("://", 1)[0].lower() for seg in uri.split("::") if "://" in seg]
+    protocol = protocols[0] if protocols else uri.split("://", 1)[0].lower()
     try:
         return fsspec.core.url_to_fs(uri, **_storage_options(uri, timeout))
     except ImportError as exc:
         missing = getattr(exc, "name", None) or ""
-        extra = _EXTRAS.get(protocol)
+        extra = next((_EXTRAS[p] for p in protocols if p in _EXTRAS), None)
         hint = (
             f'pip install "dbt-defer[{extra}]"' if extra
             else f"pip install {missing}" if missing
@@ -726,19 +733,23 @@ def pointer_root(state: str) -> Optional[str]:
     return None if state.lower().endswith(".json") else state
 
 
+class PointerError(ValueError):
+    """A publish pointer that is not one (remote input)."""
+
+
 def parse_pointer(raw: bytes) -> Dict[str, Any]:
     """The pointer document, checked: it is remote input, and its path may not leave the folder."""
     if len(raw) > POINTER_MAX_BYTES:
-        raise ValueError(f"it is larger than {POINTER_MAX_BYTES // 1024} KB")
+        raise PointerError(f"it is larger than {POINTER_MAX_BYTES // 1024} KB")
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"not valid JSON: {str(exc).splitlines()[0][:120]}") from None
+        raise PointerError(f"not valid JSON: {str(exc).splitlines()[0][:120]}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("path"), str):
-        raise ValueError("no version path in it")
+        raise PointerError("no version path in it")
     folder, _, name = doc["path"].partition("/")
     if folder != PUBLISHED_VERSIONS or not VERSION_NAME.match(name):
-        raise ValueError(f"its version path {doc['path'][:80]!r} is not {PUBLISHED_VERSIONS}/<UTC time>-<invocation id>")
+        raise PointerError(f"its version path {doc['path'][:80]!r} is not {PUBLISHED_VERSIONS}/<UTC time>-<invocation id>")
     return doc
 
 
@@ -790,14 +801,14 @@ def _follow_pointer(
     try:
         fs, path = deadline.run(lambda: _filesystem(spec.name, root + "/" + POINTER, timeout))
         doc = deadline.run(lambda: read_pointer(fs, path.rsplit("/", 1)[0]))
-    except ValueError as exc:
+    except PointerError as exc:
         raise ManifestError(
             f"dbt-defer: environment '{spec.name}': {_redact_for(spec, root + '/' + POINTER)} is not a dbt-defer "
             f"publish pointer ({exc}); publish again with dbt-defer publish, or delete it to read the folder's "
             "manifest.json"
         ) from None
-    except ManifestError:
-        raise
+    except ManifestError as exc:  # no implementation, unknown protocol: name the state, not the pointer
+        raise ManifestError(str(exc).replace(redact(root + "/" + POINTER), redact(spec.state))) from None
     except Exception as exc:
         raise _Unreachable(_reason(exc)) from None
     if doc is None:

@@ -1,0 +1,625 @@
+"""Remote state as untrusted input (SPEC §7, §8; issues 11 and 17): secrets, signed URLs, size
+limits, the fetch deadline, long names, the atomic versioned cache, verify-before-replace and
+every fsspec URI form ending in one line.
+
+HTTP cases run against servers on 127.0.0.1 started here (slow, gzip, never answering, signed);
+the end-to-end secret test runs real dbt (DuckDB) and the dbt-defer CLI in subprocesses and greps
+every file they write and everything they print.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import zipfile
+import zlib
+from email.utils import formatdate
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from dbt_defer import guard, remote
+from dbt_defer.config import EnvironmentSpec, redact, uri_secrets
+from dbt_defer.manifests import ManifestError
+from test_publish import cached_pair, write_artifacts
+from test_remote import Server, write_manifest, write_run_results
+
+pytest.importorskip("aiohttp")
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TIMEOUT_ENV = "DBT_DEFER_FETCH_TIMEOUT"
+MAX_STATE_ENV = "DBT_DEFER_MAX_STATE_MB"
+
+
+def spec(state: str, name: str = "prod") -> EnvironmentSpec:
+    return EnvironmentSpec(name, state, "DBT_DEFER_PROD_STATE")
+
+
+def one_line(text: str) -> str:
+    assert "\n" not in text and "Traceback" not in text, text
+    assert text.startswith("dbt-defer: "), text
+    return text
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in (TIMEOUT_ENV, MAX_STATE_ENV):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def _serve(handler_cls, root: Optional[Path] = None):
+    handler = functools.partial(handler_cls, directory=str(root)) if root else handler_cls
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def _stop(httpd) -> None:
+    httpd.shutdown()
+    httpd.server_close()
+
+
+# --- secrets: the redaction itself ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state, secrets", [
+    ("http://user:s3cretPW@host/prod", ["s3cretPW"]),
+    ("s3://KEY:SECRETKEY@bucket/dbt/prod", ["SECRETKEY"]),
+    ("s3://AKIAKEYID:wJalrXUt/K7MDENG@bucket/prod", ["wJalrXUt", "K7MDENG"]),
+    ("https://host/prod?token=T0KENsecret", ["T0KENsecret"]),
+    ("https://host/prod/manifest.json?X-Amz-Signature=abcdef123&X-Amz-Credential=AKIA%2F2024", ["abcdef123", "AKIA"]),
+    ("zip://manifest.json::s3://KEY:SECRETKEY@bucket/prod.zip", ["SECRETKEY"]),
+])
+def test_secrets_of_a_state_uri_are_never_shown(state, secrets):
+    env = spec(state)
+    messages = [
+        state,
+        f"dbt-defer: environment 'prod': cannot fetch {remote.manifest_uri(state)} (ClientResponseError: 403, "
+        f"message='Forbidden', url='{remote.manifest_uri(state)}')",
+        f"Invalid bucket name \"{state.split('://', 1)[1].split('/')[0]}\"",  # s3fs quotes the 'bucket' alone
+        json.dumps({"state": state}),
+    ]
+    for message in messages:
+        shown = env.redact(message)
+        for secret in secrets:
+            assert secret not in shown, (message, shown)
+        assert "\n" not in shown
+    assert "***" in env.redact(state)
+    # the generic function (no spec): credentials and query strings of any URI in a text
+    assert redact("see http://u:pw@h:8080/x?sig=1 and s3://b/k") == "see http://***@h:8080/x?*** and s3://b/k"
+    assert redact("zip://m.json::https://h/x.zip?t=abc::x") == "zip://m.json::https://h/x.zip?***::x"
+    # nothing secret: unchanged
+    for plain in ("s3://bucket/dbt/prod", "/local/prod-artifacts", "http://host:8080/a@b/manifest.json"):
+        assert spec(plain).redact(plain) == plain and not uri_secrets(plain)
+
+
+# --- signed URLs: the query string stays at the end --------------------------------------------
+
+
+class TokenHandler(http.server.SimpleHTTPRequestHandler):
+    token = "T0KENsecret"
+    seen: List[str] = []
+
+    def log_message(self, *args):
+        pass
+
+    def _allowed(self) -> bool:
+        self.seen.append(self.path)
+        if not self.path.endswith(f"?token={self.token}"):
+            self.send_error(403, "signature does not match")
+            return False
+        return True
+
+    def do_HEAD(self):
+        if self._allowed():
+            super().do_HEAD()
+
+    def do_GET(self):
+        if self._allowed():
+            super().do_GET()
+
+
+def test_signed_url_keeps_its_query_string_at_the_end(tmp_path, clean_env):
+    root = tmp_path / "www"
+    write_manifest(root / "prod")
+    write_run_results(root / "prod", status="error")
+    TokenHandler.seen = []
+    httpd, url = _serve(TokenHandler, root)
+    try:
+        target = str(tmp_path / "target")
+        result = remote.fetch(spec(f"{url}/prod?token={TokenHandler.token}"), target)
+    finally:
+        _stop(httpd)
+    assert result.action == "downloaded" and result.run_results
+    asked = {p.split("?")[0] for p in TokenHandler.seen}
+    assert asked == {"/prod/manifest.json", "/prod/run_results.json"}, TokenHandler.seen
+    assert all(p.endswith(f"?token={TokenHandler.token}") for p in TokenHandler.seen)
+    assert json.loads((Path(result.local) / "run_results.json").read_text())["results"][0]["status"] == "error"
+    # the token is in no file of the cache and in no field of the result
+    for path in Path(target).rglob("*"):
+        if path.is_file():
+            assert TokenHandler.token not in path.read_text(errors="replace"), path
+    assert TokenHandler.token not in result.uri and result.uri.endswith("/prod/manifest.json?***")
+
+
+# --- size limit --------------------------------------------------------------------------------
+
+_BOMB: Dict[str, bytes] = {}
+
+
+def gzip_bomb() -> bytes:
+    """About 1 MB of gzip that inflates to 1 GiB of spaces."""
+    if "data" not in _BOMB:
+        packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+        block = b" " * (1 << 20)
+        _BOMB["data"] = b"".join([packer.compress(block) for _ in range(1024)] + [packer.flush()])
+    return _BOMB["data"]
+
+
+def bomb_server(root: Path, bomb_file: str):
+    stamp = formatdate(time.time() - 60, usegmt=True)
+    body = gzip_bomb()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _bomb_headers(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Last-Modified", stamp)
+            self.end_headers()
+
+        def do_HEAD(self):
+            if self.path.endswith(bomb_file):
+                return self._bomb_headers()
+            super().do_HEAD()
+
+        def do_GET(self):
+            if self.path.endswith(bomb_file):
+                self._bomb_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass
+                return
+            super().do_GET()
+
+    return _serve(Handler, root)
+
+
+@pytest.mark.parametrize("bomb_file", ["manifest.json", "run_results.json"])
+def test_a_gzip_bomb_stops_at_the_size_limit(tmp_path, clean_env, bomb_file):
+    root = tmp_path / "www"
+    write_manifest(root / "prod")
+    write_run_results(root / "prod")
+    assert len(gzip_bomb()) < 2 * 1024 * 1024
+    clean_env.setenv(MAX_STATE_ENV, "16")
+    httpd, url = bomb_server(root, bomb_file)
+    target = tmp_path / "target"
+    try:
+        started = time.monotonic()
+        with pytest.raises(ManifestError) as err:
+            remote.fetch(spec(f"{url}/prod"), str(target))
+        elapsed = time.monotonic() - started
+    finally:
+        _stop(httpd)
+    text = one_line(str(err.value))
+    assert "larger than 16 MB" in text and MAX_STATE_ENV in text and "nothing was cached" in text
+    assert elapsed < 20, elapsed
+    # nothing of it stays in the cache: no version, no scratch folder, nothing near the limit
+    files = [p for p in target.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 1024 * 1024, files
+    assert remote.cached_folder(str(target), "prod") is None
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "1.5", "nan"])
+def test_max_state_mb_must_be_a_whole_number(tmp_path, clean_env, value):
+    write_manifest(tmp_path / "prod")
+    clean_env.setenv(MAX_STATE_ENV, value)
+    with pytest.raises(ManifestError) as err:
+        remote.fetch(spec(f"file://{tmp_path / 'prod'}"), str(tmp_path / "target"))
+    text = one_line(str(err.value))
+    assert MAX_STATE_ENV in text and repr(value) in text and "whole number of megabytes" in text
+
+
+# --- the fetch deadline ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf", ""])
+def test_fetch_timeout_values(tmp_path, clean_env, value):
+    write_manifest(tmp_path / "prod")
+    clean_env.setenv(TIMEOUT_ENV, value)
+    env = spec(f"file://{tmp_path / 'prod'}")
+    if value == "":  # empty: the default
+        assert remote.fetch(env, str(tmp_path / "target")).action == "downloaded"
+        return
+    with pytest.raises(ManifestError) as err:
+        remote.fetch(env, str(tmp_path / "target"))
+    text = one_line(str(err.value))
+    assert TIMEOUT_ENV in text and repr(value) in text and "greater than 0" in text
+
+
+def dribble_server(root: Path):
+    """Answers HEAD at once; a GET of a manifest sends its headers, then one byte every 0.2 s."""
+    stamp = formatdate(time.time() - 60, usegmt=True)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            super().do_HEAD()
+
+        def do_GET(self):
+            if not self.path.endswith("manifest.json"):
+                return super().do_GET()
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.send_header("Last-Modified", stamp)
+            self.end_headers()
+            try:
+                for _ in range(100000):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+
+    return _serve(Handler, root)
+
+
+def test_the_timeout_is_a_total_deadline_and_is_reported_as_a_timeout(tmp_path, clean_env):
+    root = tmp_path / "www"
+    write_manifest(root / "prod")
+    write_run_results(root / "prod")
+    clean_env.setenv(TIMEOUT_ENV, "3")
+    httpd, url = dribble_server(root)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ManifestError) as err:
+            remote.fetch(spec(f"{url}/prod"), str(tmp_path / "target"))
+        elapsed = time.monotonic() - started
+    finally:
+        _stop(httpd)
+    text = one_line(str(err.value))
+    assert "timed out after 3 s" in text and TIMEOUT_ENV in text and "not found" not in text
+    assert elapsed < 6, elapsed  # 2x the setting at most (it was 11.9 s for 3 s)
+    assert not list((tmp_path / "target").rglob("manifest.json"))
+
+
+def test_a_server_that_never_answers_times_out_and_the_cache_serves(tmp_path, clean_env):
+    folder = tmp_path / "published"
+    write_manifest(folder)
+    target = str(tmp_path / "target")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # connections complete in the kernel; nothing ever answers
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/prod"
+    clean_env.setenv(TIMEOUT_ENV, "1")
+    try:
+        started = time.monotonic()
+        with pytest.raises(ManifestError) as err:
+            remote.fetch(spec(url), target)
+        assert time.monotonic() - started < 2.5
+        assert "timed out after 1 s" in one_line(str(err.value)) and "no cached copy" in str(err.value)
+    finally:
+        listener.close()
+
+
+# --- long environment names ----------------------------------------------------------------------
+
+
+def test_a_300_character_environment_name_has_a_bounded_cache_folder(tmp_path, clean_env):
+    write_manifest(tmp_path / "prod")
+    name = "e" * 300
+    target = str(tmp_path / "target")
+    result = remote.fetch(spec(f"file://{tmp_path / 'prod'}", name=name), target)
+    assert result.action == "downloaded"
+    folder = Path(remote.cache_dir(target, name))
+    assert len(folder.name) <= remote.NAME_MAX and folder.name.startswith("e" * 40)
+    assert remote.cached_folder(target, name) == result.local
+    assert remote.cache_dir(target, name) != remote.cache_dir(target, "e" * 299)
+    assert remote.fetch(spec(f"file://{tmp_path / 'prod'}", name=name), target).action == "unchanged"
+
+
+# --- the atomic versioned cache --------------------------------------------------------------------
+
+KILLER = """
+import os, sys
+from dbt_defer import remote
+from dbt_defer.config import EnvironmentSpec
+kill_at = int(sys.argv[3])
+calls = [0]
+def hook(real):
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os._exit(9)  # a kill: no finally, no cleanup
+        return real(*args, **kwargs)
+    return wrapped
+os.replace = hook(os.replace)
+os.rename = hook(os.rename)
+remote.fetch(EnvironmentSpec("prod", sys.argv[1], "DBT_DEFER_PROD_STATE"), sys.argv[2])
+print("finished after", calls[0], "renames")
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3])
+def test_a_fetch_killed_between_renames_leaves_one_consistent_pair(tmp_path, clean_env, kill_at):
+    published = tmp_path / "published"
+    v1 = write_artifacts(published / "prod")
+    uri = f"file://{published / 'prod'}"
+    target = str(tmp_path / "target")
+    assert cached_pair(remote.fetch(spec(uri), target).local) == (v1, v1)
+
+    v2 = write_artifacts(published / "prod", statuses={"model.shop.orders": "error"}, padding=3)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # this dbt_defer
+    proc = subprocess.run([sys.executable, str(script), uri, target, str(kill_at)], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode in (0, 9), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    # the remote is gone: a deferred run reads the cache, which holds one whole pair
+    shutil.move(str(published), str(tmp_path / "away"))
+    warnings: List[str] = []
+    fallback = remote.fetch(spec(uri), target, warn=warnings.append)
+    assert fallback.action == "cached (unreachable)"
+    assert cached_pair(fallback.local) in ((v1, v1), (v2, v2))
+
+    # back again: the next fetch sweeps what the killed one left and ends on the new pair
+    shutil.move(str(tmp_path / "away"), str(published))
+    result = remote.fetch(spec(uri), target)
+    assert cached_pair(result.local) == (v2, v2)
+    root = Path(remote.cache_dir(target, "prod"))
+    leftovers = [p.name for p in root.iterdir() if p.name.startswith((".incoming", ".fetch"))]
+    assert leftovers == []
+    versions = [p.name for p in root.iterdir() if p.name.startswith("v-")]
+    assert 1 <= len(versions) <= 2 and result.local.endswith(tuple(versions))
+
+
+def test_readers_of_the_previous_version_keep_it_while_a_new_one_arrives(tmp_path, clean_env):
+    published = tmp_path / "published" / "prod"
+    uri = f"file://{published}"
+    target = str(tmp_path / "target")
+    write_artifacts(published)
+    first = remote.fetch(spec(uri), target).local
+    write_artifacts(published, padding=1)
+    second = remote.fetch(spec(uri), target).local
+    assert first != second and os.path.isfile(os.path.join(first, "manifest.json"))  # kept one version back
+    write_artifacts(published, padding=2)
+    third = remote.fetch(spec(uri), target).local
+    assert not os.path.exists(first) and os.path.isdir(second) and os.path.isdir(third)
+
+
+# --- verify before replacing (issue 17) ------------------------------------------------------------
+
+
+def other_project(folder: Path) -> None:
+    path = write_manifest(folder, generated_at="2024-05-05T00:00:00Z")
+    doc = json.loads(path.read_text())
+    doc["metadata"]["project_name"] = "another_project"
+    path.write_text(json.dumps(doc))
+
+
+def not_a_manifest(folder: Path) -> None:
+    (folder / "manifest.json").write_text("<html>please log in to see this page</html>")
+
+
+@pytest.mark.parametrize("publish_bad", [other_project, not_a_manifest])
+def test_a_bad_remote_never_replaces_the_good_cached_copy(tmp_path, clean_env, publish_bad):
+    root = tmp_path / "www"
+    write_manifest(root / "prod")
+    server = Server(root)
+    env = spec(f"{server.url}/prod")
+    target = str(tmp_path / "target")
+    try:
+        good = guard.load_environment(env, target, "shop")
+        good_text = Path(good.path).read_text()
+        time.sleep(1.1)  # Last-Modified has one-second resolution
+        publish_bad(root / "prod")
+        with pytest.raises((ManifestError, guard.GuardError)) as err:
+            guard.load_environment(env, target, "shop")
+        text = one_line(str(err.value))
+        assert "the cached copy was kept" in text
+        assert (Path(remote.cached_folder(target, "prod")) / "manifest.json").read_text() == good_text
+    finally:
+        server.stop()
+    # the remote goes down: the good copy still serves, with its age stated
+    warnings: List[str] = []
+    again = guard.load_environment(env, target, "shop", warn=warnings.append)
+    assert again.project_name == "shop"
+    assert len(warnings) == 1 and "using the cached copy" in warnings[0] and "fetched 0 min ago" in warnings[0]
+
+
+# --- every fsspec URI form: one line ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("uri", [
+    "zip://manifest.json::file:///tmp/dbt-defer-nonexist-{u}.zip",
+    "zip://::",
+    "nope://bucket/prod",
+    "abc://",
+    "simplecache::gs://bucket/prod",
+    "gs://bucket/dbt/prod",
+    "hdfs://namenode/dbt/prod",
+    "sftp://user:s3cretPW@127.0.0.1:1/prod",
+    "file:///nonexistent-{u}/prod",
+    "memory://nothing-{u}/prod",
+    "http://",
+    "file:///tmp/a\x00b/prod",
+    "zip://prod::file://{zip}",
+])
+def test_every_uri_form_ends_in_one_line(tmp_path, clean_env, uri):
+    clean_env.setenv(TIMEOUT_ENV, "5")
+    empty_zip = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty_zip, "w") as zf:
+        zf.writestr("other/readme.txt", "nothing here")
+    uri = uri.format(u=uuid.uuid4().hex[:8], zip=empty_zip)
+    with pytest.raises(ManifestError) as err:
+        remote.fetch(spec(uri), str(tmp_path / "target"))
+    text = one_line(str(err.value))
+    assert text.startswith("dbt-defer: environment 'prod': ")
+    assert "s3cretPW" not in text
+
+
+def test_chained_zip_uris_read_the_manifest_inside(tmp_path, clean_env):
+    artifacts = tmp_path / "artifacts"
+    invocation = write_artifacts(artifacts)
+    archive = tmp_path / "prod.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in ("manifest.json", "run_results.json"):
+            zf.write(artifacts / name, f"prod/{name}")
+            zf.write(artifacts / name, name)
+    for uri in (f"zip://prod::file://{archive}", f"zip://manifest.json::file://{archive}"):
+        result = remote.fetch(spec(uri), str(tmp_path / "target"))
+        assert result.action == "downloaded" and cached_pair(result.local) == (invocation, invocation)
+
+
+def test_cli_status_with_a_broken_chained_uri_is_one_line(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "dbt_project.yml").write_text("name: shop\nversion: '1.0'\nprofile: shop\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DBT_")}
+    env["DBT_DEFER_PROD_STATE"] = "zip://manifest.json::file:///tmp/nonexist.zip"
+    for command in ("status", "fetch"):
+        proc = subprocess.run([str(BIN / "dbt-defer"), command, "--project-dir", str(project)],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith("dbt-defer: environment 'prod': ") and "nonexist.zip" in lines[0]
+
+
+# --- secrets end to end: a real dbt run, the CLI, every file and every line ------------------------
+
+PASSWORD = "s3cretPW"
+TOKEN = "T0KENsecret"
+S3_SECRET = "S3CRETKEYvalue"
+
+
+class AuthHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves only with the right basic auth and token (so the credentials really are used)."""
+
+    def log_message(self, *args):
+        pass
+
+    def _allowed(self) -> bool:
+        expected = "Basic " + base64.b64encode(f"user:{PASSWORD}".encode()).decode()
+        if self.headers.get("Authorization") != expected or not self.path.endswith(f"?token={TOKEN}"):
+            self.send_error(403)
+            return False
+        return True
+
+    def do_HEAD(self):
+        if self._allowed():
+            super().do_HEAD()
+
+    def do_GET(self):
+        if self._allowed():
+            super().do_GET()
+
+
+@pytest.fixture(scope="module")
+def duck(tmp_path_factory):
+    from conftest import built_environments
+    from dbt_harness import make_project
+
+    project = make_project(tmp_path_factory.mktemp("secrets"), "duckdb")
+    built_environments(project)
+    try:
+        from dbt.adapters.duckdb.connections import DuckDBConnectionManager
+
+        DuckDBConnectionManager.close_all_connections()
+    except ImportError:  # pragma: no cover
+        pass
+    import gc
+
+    gc.collect()
+    return project
+
+
+def test_no_secret_of_a_state_uri_is_written_or_printed_anywhere(duck, tmp_path):
+    httpd, url = _serve(AuthHandler, duck.root)
+    host = url.split("://", 1)[1]
+    state = f"http://user:{PASSWORD}@{host}/prod-artifacts?token={TOKEN}"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DBT_DEFER", "DBT_STATE", "DBT_TARGET"))}
+    base.update(DBT_SEND_ANONYMOUS_USAGE_STATS="false", DBT_DEFER_STAGING_STATE="staging-artifacts",
+                DBT_DEFER_PROD_STATE=state, DBT_DEFER_FETCH_TIMEOUT="20")
+    printed: List[str] = []
+
+    def run(*argv: str, expect: Optional[int] = 0, **extra: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(argv), cwd=str(duck.root), env=dict(base, **extra),
+                              capture_output=True, text=True, timeout=300)
+        printed.append(proc.stdout + proc.stderr)
+        if expect is not None:
+            assert proc.returncode == expect, (argv, proc.stdout[-3000:], proc.stderr[-3000:])
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    dbt, cli = str(BIN / "dbt"), str(BIN / "dbt-defer")
+    try:
+        run(cli, "fetch")
+        fetched = run(cli, "fetch", "--output", "json")
+        run(cli, "status")
+        status = run(cli, "status", "--output", "json")
+        run(dbt, "run", "-s", "customer_report", DBT_DEFER="1")
+        run(dbt, "--log-format", "json", "compile", "-s", "customer_report", DBT_DEFER="1")
+    finally:
+        _stop(httpd)
+    prod = next(e for e in json.loads(fetched.stdout)["environments"] if e["name"] == "prod")
+    assert prod["ok"] and prod["action"] in ("downloaded", "unchanged"), prod
+    assert prod["state"] == f"http://***@{host}/prod-artifacts?***"
+    prod = next(e for e in json.loads(status.stdout)["environments"] if e["name"] == "prod")
+    assert prod["usable"] and prod["state"] == f"http://***@{host}/prod-artifacts?***"
+    audit = json.loads((duck.target / "dbt_defer_audit.json").read_text())
+    assert any(e["state"] == f"http://***@{host}/prod-artifacts?***" for e in audit["environments"])
+
+    # unreachable now: warnings (text and JSON logs, the CLI) name the URI, redacted
+    warned = run(cli, "fetch")
+    assert "using the cached copy" in warned.stderr
+    run(dbt, "--log-format", "json", "compile", "-s", "customer_report", DBT_DEFER="1")
+    assert "using the cached copy" in (duck.root / "logs" / "dbt.log").read_text()
+    # and error lines: no cached copy in another target path
+    failed = run(cli, "fetch", "--target-path", "target-elsewhere", expect=1)
+    assert "no cached copy" in failed.stderr
+    run(dbt, "compile", "-s", "customer_report", "--target-path", "target-elsewhere", DBT_DEFER="1", expect=None)
+    # an S3 URI with a key and secret in it (s3fs takes them for the bucket name) fails in one line
+    s3 = dict(DBT_DEFER_PROD_STATE=f"s3://AKIAKEYID:{S3_SECRET}@bucket/prod",
+              AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y",
+              DBT_DEFER_FETCH_TIMEOUT="10")
+    run(cli, "status", "--target-path", "target-s3", expect=1, **s3)
+    run(cli, "fetch", "--target-path", "target-s3", expect=1, **s3)
+    run(dbt, "compile", "-s", "customer_report", "--target-path", "target-s3", DBT_DEFER="1", expect=None, **s3)
+
+    for secret in (PASSWORD, TOKEN, S3_SECRET):
+        for text in printed:
+            assert secret not in text, text[-2000:]
+        for path in duck.root.rglob("*"):
+            if path.is_file() and path.suffix not in (".duckdb", ".wal", ".msgpack"):
+                assert secret not in path.read_text(errors="replace"), path
+        for path in duck.root.rglob("*.msgpack"):
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

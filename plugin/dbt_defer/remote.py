@@ -252,9 +252,10 @@ class FetchTimeout(Exception):
 
 
 class _TooLarge(Exception):
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, path: str) -> None:
         super().__init__(f"larger than {limit // (1024 * 1024)} MB")
         self.limit = limit
+        self.path = path
 
 
 class _Deadline:
@@ -614,8 +615,9 @@ def _fetch(
                 except Exception:
                     pass  # optional; vanished between info() and get()
         except _TooLarge as exc:
+            which = shown if exc.path == path else _sibling(shown, RUN_RESULTS)
             raise ManifestError(
-                f"dbt-defer: environment '{spec.name}': {shown} (or its {RUN_RESULTS}) is {exc} after decoding "
+                f"dbt-defer: environment '{spec.name}': {which} is {exc} after decoding "
                 f"({MAX_STATE_ENV}); nothing was cached. Check what the store serves, or raise {MAX_STATE_ENV} "
                 "if that environment's artifacts are really that large"
             ) from None
@@ -638,7 +640,7 @@ def _fetch(
         if os.path.isdir(incoming):
             shutil.rmtree(incoming, ignore_errors=True)
     previous = os.path.basename(folder) if folder is not None and folder != root else ""
-    _prune(root, (version, previous))
+    _prune(root, (version, previous, str((_current(root)[0] or {}).get("version"))))  # and a concurrent fetch's
     return FetchResult(
         spec.name, shown, os.path.join(root, version), "downloaded", fetched_at, results_fp is not None
     )
@@ -674,7 +676,7 @@ def _download(deadline: _Deadline, fs: Any, path: str, local: str, cap: int) -> 
                     break
                 total += len(chunk)
                 if total > cap:
-                    raise _TooLarge(cap)
+                    raise _TooLarge(cap, path)
                 out.write(chunk)
 
     try:
@@ -749,7 +751,9 @@ def parse_pointer(raw: bytes) -> Dict[str, Any]:
         raise PointerError("no version path in it")
     folder, _, name = doc["path"].partition("/")
     if folder != PUBLISHED_VERSIONS or not VERSION_NAME.match(name):
-        raise PointerError(f"its version path {doc['path'][:80]!r} is not {PUBLISHED_VERSIONS}/<UTC time>-<invocation id>")
+        raise PointerError(
+            f"its version path {doc['path'][:80]!r} is not {PUBLISHED_VERSIONS}/<UTC time>-<invocation id>"
+        )
     return doc
 
 

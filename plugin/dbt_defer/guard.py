@@ -23,9 +23,11 @@ class GuardError(RuntimeError):
     pass
 
 
-def _source(spec: EnvironmentSpec) -> str:
+def source_of(spec: EnvironmentSpec) -> str:
+    """Where an environment's state comes from, as shown in messages (redacted)."""
     state = spec.redact(spec.state)  # a URI's credentials and query string are never shown
     return f"{spec.source}={state}" if spec.source.startswith(("DBT_", "--")) else state
+
 
 
 def local_state(
@@ -90,8 +92,8 @@ def check_distinct_states(specs: Iterable[EnvironmentSpec]) -> None:
         first = seen.setdefault(key, spec)
         if first is not spec:
             raise GuardError(
-                f"dbt-defer: environments '{first.name}' ({_source(first)}) and '{spec.name}' "
-                f"({_source(spec)}) read the same state; point each environment at its own artifacts "
+                f"dbt-defer: environments '{first.name}' ({source_of(first)}) and '{spec.name}' "
+                f"({source_of(spec)}) read the same state; point each environment at its own artifacts "
                 f"(or remove '{spec.name}')"
             )
 
@@ -111,7 +113,7 @@ def check_not_target_path(spec: EnvironmentSpec, state: str, target_path: str) -
     if target == folder or target.startswith(folder.rstrip(os.sep) + os.sep):
         what = "this run's own target path" if target == folder else f"a folder holding this run's target path"
         raise GuardError(
-            f"dbt-defer: environment '{spec.name}' state {_source(spec)} is {what} "
+            f"dbt-defer: environment '{spec.name}' state {source_of(spec)} is {what} "
             f"({target_path}), which dbt overwrites during the run; copy that environment's artifacts "
             "to another folder (e.g. prod-artifacts/) and point the environment there, or use another --target-path"
         )
@@ -235,11 +237,14 @@ def write_clashes(
             continue
         suspect = (suspects or {}).get(env.name)
         if suspect:
-            refused[uid] = f"dbt-defer: refusing to write {uid} into {where}: {suspect}. Nothing was written."
+            refused[uid] = (
+                f"dbt-defer: refusing to write {uid} into {where}: environment '{env.name}' "
+                f"({source_of(env.spec)}) records that relation {whose}, and it {suspect}. Nothing was written."
+            )
             continue
         refused[uid] = (
             f"dbt-defer: refusing to write {uid} into {where}: environment '{env.name}' "
-            f"({_source(env.spec)}) records that relation {whose}. Point your target at a "
+            f"({source_of(env.spec)}) records that relation {whose}. Point your target at a "
             "development schema, or name the target that builds that environment (vars: dbt_defer: "
             "environments: [{name: ..., target: ...}]). Nothing was written."
         )
@@ -247,7 +252,8 @@ def write_clashes(
 
 
 def this_target_warning(env: Any, manifest: Any, default_database: Optional[str], target_name: str) -> Optional[str]:
-    """Why (no "dbt-defer: " prefix, no final stop) for an environment whose manifest records this target's own relations for most
+    """Why, as the tail of a sentence about the environment ("records this target's own ...",
+    no final stop), for an environment whose manifest records this target's own relations for most
     models, or None. Either the target writes where the environment keeps its relations, or
     the environment's artifacts come from a run of this target (a dev manifest copied as
     prod's); either way every write is refused later and every ref reads the target itself,
@@ -269,7 +275,7 @@ def this_target_warning(env: Any, manifest: Any, default_database: Optional[str]
         return None
     uid, where = example
     return (
-        f"environment '{env.name}' ({_source(env.spec)}) records this target's own relations "
+        f"records this target's own relations "
         f"for {same} of {compared} models (e.g. {uid} at {where}): either target '{target_name}' writes "
         f"where '{env.name}' keeps its relations (point the target at a development schema), or that "
         f"manifest comes from a run of target '{target_name}' (point '{env.name}' at the artifacts of the "

@@ -328,8 +328,7 @@ class DeferSession:
         from dbt.task.test import TestTask
 
         if not (self._writes or isinstance(task, TestTask)):
-            for why in suspects.values():
-                log(f"dbt-defer: {why}", EventLevel.WARN)
+            self._say_suspects(suspects)
             return
         refused, shared = guard.write_clashes(
             self._selected_now(), task.manifest, self.environments,
@@ -339,8 +338,7 @@ class DeferSession:
             suspects=suspects,
         )
         if not refused:
-            for why in suspects.values():
-                log(f"dbt-defer: {why}", EventLevel.WARN)
+            self._say_suspects(suspects)
         for line in shared.values():
             log(line, EventLevel.INFO)
         if self.native:
@@ -356,6 +354,12 @@ class DeferSession:
                 + ", ".join(sorted(refused)),
                 EventLevel.INFO,  # each refused node's error says the rest, next to dbt's summary
             )
+
+    def _say_suspects(self, suspects: Dict[str, str]) -> None:
+        for env in self.environments:
+            if env.name in suspects:
+                log(f"dbt-defer: environment '{env.name}' ({guard.source_of(env.spec)}) {suspects[env.name]}",
+                    EventLevel.WARN)
 
     def _drop_deferral(self, manifest: Any, unique_ids: FrozenSet[str]) -> bool:
         changed = False

@@ -386,3 +386,41 @@ def test_fuzz_any_unknown_key_in_any_item_is_an_error_naming_it(env_names, data)
 def test_fuzz_items_with_known_keys_only_never_fail_on_keys(items):
     cfg = load_config({"environments": items}, {}, ROOT)
     assert names(cfg) == [i["name"] for i in items if i.get("state", "").strip()]
+
+
+# --- issue 11: bounded values, names that cannot vanish ------------------------------------
+
+
+@pytest.mark.parametrize("value", [9223372036854775808, 2**31, -1, 1.5, 1000.0, True, False, "10", float("nan")])
+def test_out_of_range_limits_name_the_key_and_the_range(value):
+    msg = _error({"limits": {"dev": value}})
+    assert "limits" in msg and "'dev'" in msg and "from 0 to 2147483647" in msg, msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("value", [0, 1, 2**31 - 1, None])
+def test_limits_in_range_are_accepted(value):
+    assert load_config({"limits": {"dev": value}}, {}, ROOT).limits == (("dev", value),)
+
+
+@pytest.mark.parametrize("key", ["DBT_DEFER_PRÖD_STATE", "DBT_DEFER_PROD-EU_STATE", "DBT_DEFER_PROD EU_STATE",
+                                 "dbt_defer_prod_state"])
+def test_env_var_with_an_unusable_name_is_one_line_not_ignored(key):
+    with pytest.raises(DeferConfigError) as info:
+        load_config(None, {key: "prod-artifacts"}, ROOT)
+    msg = str(info.value)
+    assert repr(key) in msg and "[a-z][a-z0-9_]*" in msg and "DBT_DEFER_PROD_EU_STATE" in msg, msg
+    assert "\n" not in msg
+
+
+def test_max_state_mb_default_and_value():
+    assert load_config(None, {}, ROOT).max_state_bytes == 2048 * 1024 * 1024
+    assert load_config(None, {"DBT_DEFER_MAX_STATE_MB": " 10 "}, ROOT).max_state_bytes == 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "1.5", "nan", "inf", "１０", "99999999999999999999"])
+def test_bad_max_state_mb_names_the_variable(value):
+    with pytest.raises(DeferConfigError) as info:
+        load_config(None, {"DBT_DEFER_MAX_STATE_MB": value}, ROOT)
+    msg = str(info.value)
+    assert "DBT_DEFER_MAX_STATE_MB" in msg and repr(value) in msg and "megabytes" in msg, msg

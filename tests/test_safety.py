@@ -295,6 +295,8 @@ def test_never_defer_selector_matching_nothing_warns(envs):
         ("{max_age_hours: -1}", "max_age_hours (dbt_project.yml or --vars) is -1; use a positive number"),
         ("{limitz: {dev: 5}}", "unknown key(s) 'limitz' in vars: dbt_defer"),
         ("{environments: [{name: dev, state: x}]}", "'dev' in vars: dbt_defer: environments"),
+        # issue 11: a limit no warehouse accepts is refused at config time, not at the audit write
+        ("{limits: {dev: 9223372036854775808}}", "for target 'dev' is 9223372036854775808; use a whole number from 0 to 2147483647"),
     ],
 )
 def test_bad_config_is_one_clear_line(envs, settings, expected):

@@ -21,6 +21,10 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 DEV = "dev"
 DEV_POLICIES = ("always", "modified", "never")
 DEFAULT_MAX_AGE_HOURS = 72.0
+MAX_LIMIT = 2**31 - 1  # rows: what every warehouse's LIMIT accepts (and the audit table's integer column)
+DEFAULT_MAX_STATE_MB = 2048
+MAX_STATE_MB_VAR = "DBT_DEFER_MAX_STATE_MB"
+_MAX_STATE_MB_CEILING = 1024 * 1024  # 1 TiB: beyond any manifest; keeps the number a sane int
 _ENV_STATE = re.compile(r"^DBT_DEFER_(?P<name>[A-Za-z0-9_]+?)_STATE$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
@@ -82,6 +86,7 @@ class DeferConfig:
     # set by `dbt-defer explain` (DBT_DEFER_EXPLAIN=1) for its in-process dbt compile: the
     # invocation writes nothing in the warehouse (no audit table)
     explain: bool = False
+    max_state_bytes: int = DEFAULT_MAX_STATE_MB * 1024 * 1024  # DBT_DEFER_MAX_STATE_MB
 
     @property
     def configured(self) -> bool:
@@ -251,10 +256,23 @@ def _item_name(item: Mapping[str, Any]) -> str:
     return f"name {name!r}" if isinstance(name, str) else "no usable name"
 
 
+def _looks_like_state_var(key: str) -> bool:
+    """DBT_DEFER_<something>_STATE in any spelling (dbt's own DBT_DEFER_STATE excluded)."""
+    upper = key.upper()
+    return upper.startswith("DBT_DEFER_") and upper.endswith("_STATE") and len(upper) > len("DBT_DEFER__STATE")
+
+
 def _env_var_states(environ: Mapping[str, str]) -> dict:
     found = {}
     for key, value in sorted(environ.items()):
         m = _ENV_STATE.match(key)
+        if not m and _looks_like_state_var(key):
+            # an environment the user meant to add must not vanish silently (PRÖD, PROD-EU, ...)
+            raise DeferConfigError(
+                f"dbt-defer: environment variable {key!r} is not a valid DBT_DEFER_<NAME>_STATE: "
+                "environment names are lower-case [a-z][a-z0-9_]* (in the variable: upper-case "
+                "letters, digits, underscores), e.g. DBT_DEFER_PROD_EU_STATE; rename or unset it"
+            )
         if m:
             name = _check_name(m.group("name").lower(), f"environment variable {key}")
             if name in found and found[name][1] != value:
@@ -290,12 +308,35 @@ def _limits(raw: Any) -> Tuple[Tuple[str, Optional[int]], ...]:
         raise DeferConfigError(f"dbt-defer: {where} must map target names to row counts, e.g. {{dev: 1000}}")
     out = []
     for target, value in raw.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        if not valid_limit(value):
             raise DeferConfigError(
-                f"dbt-defer: {where} for target {target!r} is {value!r}; use a whole number >= 0, or null for no limit"
+                f"dbt-defer: {where} for target {target!r} is {value!r}; {LIMIT_RANGE}"
             )
         out.append((str(target), value))
     return tuple(out)
+
+
+LIMIT_RANGE = f"use a whole number from 0 to {MAX_LIMIT}, or null for no limit"
+
+
+def valid_limit(value: Any) -> bool:
+    """A row limit: None (no limit) or an int in 0..MAX_LIMIT (not a bool, not a float)."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LIMIT)
+
+
+def max_state_bytes(environ: Mapping[str, str]) -> int:
+    """DBT_DEFER_MAX_STATE_MB (default 2048) in bytes: the largest local manifest.json or
+    run_results.json dbt-defer reads. A bad value is one line naming the variable."""
+    raw = environ.get(MAX_STATE_MB_VAR)
+    if raw is None or not raw.strip():
+        return DEFAULT_MAX_STATE_MB * 1024 * 1024
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _MAX_STATE_MB_CEILING:
+        raise DeferConfigError(
+            f"dbt-defer: {MAX_STATE_MB_VAR} is {raw!r}; use a whole number of megabytes from 1 to "
+            f"{_MAX_STATE_MB_CEILING} (default {DEFAULT_MAX_STATE_MB}), or unset it"
+        )
+    return int(text) * 1024 * 1024
 
 
 def _bool(settings: Mapping[str, Any], key: str) -> bool:
@@ -415,4 +456,5 @@ def load_config(
         audit_table=_bool(settings, "audit_table"),
         compile_as=_compile_as(environ),
         explain=truthy(environ.get("DBT_DEFER_EXPLAIN")),
+        max_state_bytes=max_state_bytes(environ),
     )

@@ -22,7 +22,16 @@ from dbt_common.exceptions import CompilationError, DbtRuntimeError
 
 import dbt_defer
 from dbt_defer import audit, audit_table, guard, limits
-from dbt_defer.config import DEV, DeferConfig, DeferConfigError, EnvironmentSpec, load_config, overlay_settings
+from dbt_defer.config import (
+    DEV,
+    LIMIT_RANGE,
+    DeferConfig,
+    DeferConfigError,
+    EnvironmentSpec,
+    load_config,
+    overlay_settings,
+    valid_limit,
+)
 from dbt_defer.manifests import REFABLE, LoadedManifest, ManifestError
 from dbt_defer.resolution import (
     DEFERRED,
@@ -578,11 +587,8 @@ class DeferSession:
         meta = _meta(target)
         if "limit" in meta:
             value = meta["limit"]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise CompilationError(
-                    f"dbt-defer: meta dbt_defer.limit of {target.unique_id} is {value!r}; "
-                    "use a whole number >= 0, or null for no limit"
-                )
+            if not valid_limit(value):
+                raise CompilationError(f"dbt-defer: meta dbt_defer.limit of {target.unique_id} is {value!r}; {LIMIT_RANGE}")
             return value
         return limit
 

@@ -197,6 +197,7 @@ def write_document(document: Dict[str, Any], target_path: str) -> str:
     ``tempfile.mkstemp`` would force 0600.
     """
     os.makedirs(target_path, exist_ok=True)
+    sweep_temp_files(target_path)
     path = os.path.join(target_path, AUDIT_FILE)
     data = (json.dumps(document, indent=2, sort_keys=False) + "\n").encode("utf-8")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -220,6 +221,59 @@ def write_document(document: Dict[str, Any], target_path: str) -> str:
             pass
         raise
     return path
+
+
+_TEMP_FILE = re.compile(r"^\.dbt_defer_audit\.(?P<pid>\d{1,10})\.[0-9a-f]{12}\.json$")
+STALE_TEMP_SECONDS = 300.0  # an audit write takes milliseconds: older than this, nobody is writing it
+_DEAD_GRACE_SECONDS = 5.0  # a dead writer's file: gone after this (clock skew on shared folders)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Is ``pid`` a running process on this host? Unknown (Windows, errors): assumed alive."""
+    if os.name != "posix" or pid <= 0:
+        return True  # os.kill on Windows would terminate the process; keep to the age rule there
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def sweep_temp_files(target_path: str, now: Optional[float] = None) -> List[str]:
+    """Remove the temp files of audit writes that will never finish (a killed run): named
+    ``.dbt_defer_audit.<pid>.<hex>.json`` and older than 5 minutes, or older than 5 seconds
+    with a pid that is no running process. A concurrent run's temp file (a live pid, written
+    a few milliseconds ago) is never touched. Returns the names removed; errors are ignored
+    (another run may sweep the same file at the same moment)."""
+    import time
+
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(target_path)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP_FILE.match(name)
+        if m is None:
+            continue
+        pid = int(m.group("pid"))
+        full = os.path.join(target_path, name)
+        try:
+            age = now - os.lstat(full).st_mtime
+        except OSError:
+            continue
+        if pid == os.getpid() and age < STALE_TEMP_SECONDS:
+            continue  # this process's own write in another thread
+        if age >= STALE_TEMP_SECONDS or (age >= _DEAD_GRACE_SECONDS and not _pid_alive(pid)):
+            try:
+                os.unlink(full)
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def now_iso() -> str:

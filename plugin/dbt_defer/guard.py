@@ -79,6 +79,9 @@ def load_environment(
     manifest = load_manifest(spec.name, manifest_path_for(spec.name, local), is_compatible=is_compatible)
     if project_name:
         check_project(spec, manifest, project_name)
+    if warn is not None:
+        for line in unusable_lines(spec, manifest):
+            warn(line)
     return manifest
 
 
@@ -96,6 +99,22 @@ def check_distinct_states(specs: Iterable[EnvironmentSpec]) -> None:
                 f"({source_of(spec)}) read the same state; point each environment at its own artifacts "
                 f"(or remove '{spec.name}')"
             )
+
+
+MAX_UNUSABLE_LINES = 5
+
+
+def unusable_lines(spec: EnvironmentSpec, manifest: LoadedManifest) -> list:
+    """One warning line per node whose names cannot be SQL names (SPEC §7), at most a few, then
+    one line counting the rest."""
+    uids = sorted(manifest.unusable)
+    lines = [manifest.unusable_line(spec.name, uid) for uid in uids[:MAX_UNUSABLE_LINES]]
+    if len(uids) > MAX_UNUSABLE_LINES:
+        lines.append(
+            f"dbt-defer: environment '{spec.name}': {len(uids) - MAX_UNUSABLE_LINES} more node(s) of "
+            f"{manifest.path} have names that cannot be SQL names; their records there are not used either"
+        )
+    return lines
 
 
 def check_not_target_path(spec: EnvironmentSpec, state: str, target_path: str) -> None:
@@ -126,8 +145,16 @@ def check_project(spec: EnvironmentSpec, manifest: LoadedManifest, project_name:
     elif manifest.project_id:
         other = f"project_id {manifest.project_id}"
         same = manifest.project_id == project_id_for(project_name)
+    elif project_name in manifest.packages:
+        return  # no project name recorded (hand-made, old dbt), but nodes of this project
     else:
-        return
+        # nothing says it is this project's: an empty or foreign manifest must not pass
+        what = "no node" if not manifest.packages else f"only nodes of {', '.join(sorted(manifest.packages)[:3])}"
+        raise GuardError(
+            f"dbt-defer: environment '{spec.name}': {manifest.path} records no project name or "
+            f"project_id and {what} of project {project_name!r}, so it cannot be this project's "
+            "manifest; point the environment at the manifest.json dbt writes for this project"
+        )
     if not same:
         raise GuardError(
             f"dbt-defer: environment '{spec.name}': {manifest.path} is a manifest of project {other!r}, "

@@ -10,12 +10,16 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat as stat_module
 import threading
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import msgspec
+
+from dbt_defer.config import DeferConfigError, max_state_bytes
 
 MANIFEST = "manifest.json"
 RUN_RESULTS = "run_results.json"
@@ -137,6 +141,14 @@ class LoadedManifest:
     functions: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # unique_id -> as in the manifest
     # unique_id -> execution_time (seconds) of the nodes run_results records as built
     build_seconds: Dict[str, float] = field(default_factory=dict)
+    # unique_id -> the one line saying why this environment's record of the node (model, seed,
+    # snapshot, function) is not used: a database/schema/identifier that cannot be a SQL name
+    unusable: Dict[str, str] = field(default_factory=dict)
+    packages: FrozenSet[str] = frozenset()  # package names of the manifest's nodes
+
+    def unusable_line(self, env_name: str, unique_id: str) -> str:
+        """The one line saying why ``env_name``'s record of ``unique_id`` is not used."""
+        return f"dbt-defer: environment '{env_name}': {self.unusable[unique_id]}"
 
     def generated_datetime(self) -> Optional[datetime]:
         return parse_timestamp(self.generated_at)
@@ -170,6 +182,60 @@ def format_age(hours: float) -> str:
     return f"{hours / 24:.1f} days ({hours:.0f} hours)"
 
 
+# --- names from a foreign manifest (SPEC §7: untrusted input) -------------------------------
+
+MAX_NAME_CHARS = 1024  # far above any warehouse's limit (Postgres 63 bytes, Snowflake 255)
+_FORBIDDEN = {"'": "a single quote", '"': "a double quote", "`": "a backtick", ";": "a semicolon",
+              "\\": "a backslash"}
+_COMMENTS = ("--", "/*", "*/")
+
+
+def unsafe_name(value: Any) -> Optional[str]:
+    """Why ``value`` cannot be a database/schema/identifier dbt-defer hands to SQL, or None.
+
+    Accepted: any string of printable characters (letters of any script, digits, mixed case,
+    spaces, hyphens, dots, $, ...) up to 1024 characters. Refused: quotes of any kind,
+    ``;``, backslash, control characters (and line/paragraph separators), SQL comment
+    markers (``--``, ``/*``, ``*/``): what could end a quoted name or a string literal, or start
+    another statement, in any adapter's SQL. None (no database/schema) is fine.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return f"is not a string ({type(value).__name__})"
+    if len(value) > MAX_NAME_CHARS:
+        return f"is {len(value)} characters long (at most {MAX_NAME_CHARS})"
+    for ch, what in _FORBIDDEN.items():
+        if ch in value:
+            return f"contains {what}"
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            return f"contains the control character U+{ord(ch):04X}"
+    for marker in _COMMENTS:
+        if marker in value:
+            return f"contains the SQL comment marker {marker}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unusable(path: str, uid: str, fields: Dict[str, Any]) -> Optional[str]:
+    """The problem with a node's names (without the environment), or None."""
+    for name, value in fields.items():
+        why = unsafe_name(value)
+        if why is not None:
+            return (
+                f"{uid} has {name} {_shown(value)} in {path}, which {why} "
+                "and so cannot be a SQL name; that environment's record of the node is not used (nothing "
+                "is sent to the warehouse for it): regenerate that manifest or fix the node's "
+                f"{name} in its project"
+            )
+    return None
+
+
 def project_id_for(project_name: str) -> str:
     """dbt's metadata.project_id: md5 of the project name."""
     return hashlib.md5(project_name.encode("utf-8")).hexdigest()
@@ -196,7 +262,7 @@ def manifest_path_for(env_name: str, state: str) -> str:
     )
 
 
-_CACHE: Dict[Tuple[str, int, int, Optional[Tuple[int, int]]], LoadedManifest] = {}
+_CACHE: Dict[Tuple[str, int, int, Optional[Tuple[int, int]], int], LoadedManifest] = {}
 _CACHE_LOCK = threading.Lock()
 _DECODE_MANIFEST = msgspec.json.Decoder(_Manifest)
 _DECODE_RESULTS = msgspec.json.Decoder(_RunResults)
@@ -216,11 +282,14 @@ def _stat_key(path: str) -> Optional[Tuple[int, int]]:
     return (st.st_mtime_ns, st.st_size)
 
 
-def load_manifest(env_name: str, path: str, *, is_compatible=None) -> LoadedManifest:
+def load_manifest(env_name: str, path: str, *, is_compatible=None, max_bytes: Optional[int] = None) -> LoadedManifest:
     """Load one environment's manifest (+ run_results.json beside it), cached by path+mtime+size.
 
     ``is_compatible(schema_version) -> bool`` is dbt's own check of the manifest schema version.
+    ``max_bytes``: the largest file read (default: DBT_DEFER_MAX_STATE_MB).
     """
+    if max_bytes is None:
+        max_bytes = _limit_bytes(env_name)
     path = os.path.abspath(path)
     _reject_nul(env_name, path)
     stat = _stat_key(path)
@@ -230,11 +299,11 @@ def load_manifest(env_name: str, path: str, *, is_compatible=None) -> LoadedMani
             f"copy that environment's {MANIFEST} there (e.g. from its last production run) or fix the path"
         )
     results_path = os.path.join(os.path.dirname(path), RUN_RESULTS)
-    key = (path, stat[0], stat[1], _stat_key(results_path))
+    key = (path, stat[0], stat[1], _stat_key(results_path), max_bytes)
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
     if cached is None:
-        cached = _read(env_name, path, results_path if key[3] else None, is_compatible)
+        cached = _read(env_name, path, results_path if key[3] else None, is_compatible, max_bytes)
         with _CACHE_LOCK:
             if len(_CACHE) >= 16:  # a handful of environments per process; never grow unbounded
                 _CACHE.clear()
@@ -275,20 +344,78 @@ def _explain_invalid(env_name: str, path: str, raw: bytes, detail: str, is_compa
     return _not_a_manifest(env_name, path, detail)
 
 
-def _read(env_name: str, path: str, results_path: Optional[str], is_compatible=None) -> LoadedManifest:
+_KINDS = (
+    (stat_module.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat_module.S_ISCHR, "a character device"),
+    (stat_module.S_ISBLK, "a block device"),
+    (stat_module.S_ISSOCK, "a socket"),
+    (stat_module.S_ISDIR, "a directory"),
+)
+
+
+def _limit_bytes(env_name: str) -> int:
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        return max_state_bytes(os.environ)
+    except DeferConfigError as exc:
+        raise ManifestError(str(exc)) from None
+
+
+def read_bounded(env_name: str, path: str, max_bytes: int, fix: str) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; anything else is one ManifestError line.
+
+    Opened non-blocking (a FIFO without a writer would block a plain open forever) and checked
+    to be a regular file before a byte is read: a FIFO, device or socket never hangs the run or
+    grows its memory. Reads at most ``max_bytes + 1`` bytes, so a file growing meanwhile is
+    caught too.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        fix = (
-            f"it is a directory: point the environment at the folder holding {MANIFEST}"
-            if isinstance(exc, IsADirectoryError)
-            else "check the file's permissions or point the environment elsewhere"
-        )
+        if isinstance(exc, IsADirectoryError):
+            fix = f"it is a directory: point the environment at the folder holding {MANIFEST}"
         raise ManifestError(
-            f"dbt-defer: environment '{env_name}': cannot read {path} ({reason}); {fix}"
+            f"dbt-defer: environment '{env_name}': cannot read {path} ({exc.strerror or exc}); {fix}"
         ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat_module.S_ISREG(st.st_mode):
+            kind = next((what for test, what in _KINDS if test(st.st_mode)), "not a regular file")
+            raise ManifestError(
+                f"dbt-defer: environment '{env_name}': {path} is {kind}, not a regular file; "
+                "point the environment at a copy of that environment's artifacts"
+            )
+        limit_mb = max_bytes / (1024 * 1024)
+        too_big = ManifestError(
+            f"dbt-defer: environment '{env_name}': {path} is larger than {limit_mb:g} MB "
+            f"(DBT_DEFER_MAX_STATE_MB); point the environment at the right file, or raise "
+            "DBT_DEFER_MAX_STATE_MB if it really is that large"
+        )
+        if st.st_size > max_bytes:
+            raise too_big
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        chunks = []
+        remaining = max_bytes + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 16 * 1024 * 1024))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        if remaining <= 0:
+            raise too_big
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ManifestError(
+            f"dbt-defer: environment '{env_name}': cannot read {path} ({exc.strerror or exc}); {fix}"
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, max_bytes: int) -> LoadedManifest:
+    raw = read_bounded(env_name, path, max_bytes, "check the file's permissions or point the environment elsewhere")
     try:
         parsed = _DECODE_MANIFEST.decode(raw)
     except msgspec.ValidationError as exc:
@@ -310,6 +437,7 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible=N
     if parsed.nodes is None:
         raise _not_a_manifest(env_name, path, "it has no nodes")
     nodes: Dict[str, EnvNode] = {}
+    unusable: Dict[str, str] = {}
     relations: Dict[Tuple[Optional[str], Optional[str], str], str] = {}
     for uid, n in (parsed.sources or {}).items():
         relations.setdefault((n.database, n.schema, n.identifier or n.name), uid)
@@ -320,6 +448,11 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible=N
             continue
         if n.config.materialized != "ephemeral":
             relations[(n.database, n.schema, n.alias or n.name)] = uid
+            line = _unusable(
+                path, uid, {"database": n.database, "schema": n.schema, "identifier": n.alias or n.name}
+            )
+            if line:
+                unusable[uid] = line
         nodes[uid] = EnvNode(
             unique_id=uid,
             resource_type=n.resource_type,
@@ -330,10 +463,20 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible=N
             checksum=n.checksum.checksum,
             unrendered_config=n.unrendered_config,
         )
+    functions: Dict[str, Dict[str, Any]] = {}
+    for uid, raw_function in (parsed.functions or {}).items():
+        line = _unusable(path, uid, {
+            key: raw_function.get(key) if isinstance(raw_function, dict) else raw_function
+            for key in ("database", "schema", "alias")
+        })
+        if line:
+            unusable[uid] = line  # a function a SQL name cannot call: never deferred to
+        else:
+            functions[uid] = raw_function
     bad: Dict[str, str] = {}
     seconds: Dict[str, float] = {}
     if results_path:
-        bad, seconds = _read_run_results(env_name, results_path)
+        bad, seconds = _read_run_results(env_name, results_path, max_bytes)
     built = frozenset(seconds)
     return LoadedManifest(
         path=path,
@@ -350,21 +493,18 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible=N
         built=built,
         run_results_path=results_path,
         relations=relations,
-        functions=dict(parsed.functions or {}),
+        functions=functions,
         build_seconds=seconds,
+        unusable=unusable,
+        packages=frozenset(n.package_name or uid.split(".")[1] for uid, n in parsed.nodes.items() if uid.count(".") >= 2),
     )
 
 
-def _read_run_results(env_name: str, path: str) -> Tuple[Dict[str, str], Dict[str, float]]:
+def _read_run_results(env_name: str, path: str, max_bytes: int) -> Tuple[Dict[str, str], Dict[str, float]]:
     """(unique_id -> bad status, unique_id -> execution_time of the nodes recorded as built)."""
+    raw = read_bounded(env_name, path, max_bytes, "fix its permissions or remove it")
     try:
-        with open(path, "rb") as fh:
-            parsed = _DECODE_RESULTS.decode(fh.read())
-    except OSError as exc:
-        raise ManifestError(
-            f"dbt-defer: environment '{env_name}': cannot read {path} ({exc.strerror or exc}); "
-            "fix its permissions or remove it"
-        ) from None
+        parsed = _DECODE_RESULTS.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise ManifestError(
             f"dbt-defer: environment '{env_name}': {path} is not a dbt run_results.json ({_one_line(exc)}); "

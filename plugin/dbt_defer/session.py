@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
@@ -32,7 +33,7 @@ from dbt_defer.config import (
     overlay_settings,
     valid_limit,
 )
-from dbt_defer.manifests import REFABLE, LoadedManifest, ManifestError
+from dbt_defer.manifests import REFABLE, LoadedManifest, ManifestError, unsafe_name
 from dbt_defer.resolution import (
     DEFERRED,
     DEV_EXISTS,
@@ -117,6 +118,8 @@ class Environment:
             return Candidate(self.name, None, f"no enabled model/seed/snapshot {unique_id} in {self.manifest.path}")
         if node.materialized == "ephemeral":
             return Candidate(self.name, None, f"{unique_id} is ephemeral there (no relation)")
+        if unique_id in self.manifest.unusable:  # SPEC §7: its names never reach SQL
+            return Candidate(self.name, None, f"{unique_id} has a name there that cannot be a SQL name")
         status = self.manifest.bad_status.get(unique_id)
         if status:
             return Candidate(
@@ -134,6 +137,17 @@ class Environment:
 
 
 _DBT_CACHED: FrozenSet[str] = frozenset({"<cached by dbt>"})  # sentinel: ask dbt's live cache
+_BARE_WORD = re.compile(r"^[\w$-]+$")  # what may be rendered unquoted (any script's letters)
+
+
+def _unquoted_parts(adapter: Any) -> FrozenSet[str]:
+    """The parts of a relation name this project renders unquoted (adapter default + quoting:)."""
+    try:
+        policy = dict(adapter.Relation.get_default_quote_policy().to_dict(omit_none=True))
+        policy.update(getattr(adapter.config, "quoting", None) or {})
+    except Exception:  # unknown: the strict rule for every part
+        return frozenset({"database", "schema", "identifier"})
+    return frozenset(p for p in ("database", "schema", "identifier") if not policy.get(p, False))
 
 
 class ExistenceChecker:
@@ -151,6 +165,7 @@ class ExistenceChecker:
         self._schema_locks: Dict[Tuple[str, str], threading.Lock] = {}
         self._listed: Dict[Tuple[str, str], FrozenSet[str]] = {}
         self.queries: Dict[Tuple[str, str], int] = {}
+        self._unquoted: Optional[FrozenSet[str]] = None
 
     def _key(self, database: Optional[str], schema: Optional[str]) -> Tuple[str, str]:
         database = database or getattr(self.adapter.config.credentials, "database", "") or ""
@@ -158,6 +173,8 @@ class ExistenceChecker:
 
     def exists(self, location: Location) -> bool:
         database, schema, identifier = location
+        if not self._safe(location):
+            return False  # never pasted into a metadata query (SPEC §7); the reader said why
         key = self._key(database, schema)
         listed = self._listed.get(key)
         if listed is None:
@@ -165,6 +182,20 @@ class ExistenceChecker:
         if listed is _DBT_CACHED:
             return self.adapter.get_relation(database, schema, identifier) is not None
         return identifier.lower() in listed
+
+    def _safe(self, location: Location) -> bool:
+        """Every part can be a SQL name (manifests.unsafe_name); a part the adapter renders
+        unquoted (quoting off) must moreover be one word (letters, digits, _, $, -)."""
+        if self._unquoted is None:
+            self._unquoted = _unquoted_parts(self.adapter)
+        for part, value in zip(("database", "schema", "identifier"), location):
+            if value is None:
+                continue
+            if unsafe_name(value) is not None:
+                return False
+            if part in self._unquoted and not _BARE_WORD.match(value):
+                return False
+        return True
 
     def _settle(self, key: Tuple[str, str], database: Optional[str], schema: Optional[str]) -> FrozenSet[str]:
         with self._lock:

@@ -223,10 +223,16 @@ def test_guard_covers_sources(fresh):
     p.save_artifacts("prod-artifacts")
     point_dev_at_prod(p)
     p.write("models/new/raw_events.sql", "select 99 as id\n")
+    before = prod_rows(p, "raw_events")
+    assert before == [(1,), (2,)]
     res = dbt(p, "run", "-s", "raw_events", env=PROD_ONLY, expect=False)
     assert statuses(res) == {"raw_events": "error"}
     assert "source.dbt_defer_integration_tests.raw.raw_events" in str(res.node_results()[p.uid("raw_events")].message)
-    assert sorted(prod_rows(p, "raw_events")) == [(1,), (2,)]
+    assert prod_rows(p, "raw_events") == before
+    kind = "BASE TABLE" if p.adapter == "postgres" else None
+    if kind:  # still the table (not replaced by a view, which would cascade to views on it)
+        assert p.query(f"select table_type from information_schema.tables where table_schema = "
+                       f"'{p.schema('prod')}' and table_name = 'raw_events'") == [(kind,)]
 
 
 def test_guard_covers_stored_test_failures(fresh):
@@ -237,10 +243,19 @@ def test_guard_covers_stored_test_failures(fresh):
     tables_before = sorted(p.query(
         f"select table_name from information_schema.tables where table_schema = '{audit_schema}'"))
     assert tables_before
+    contents_before = {t: sorted(p.query(f'select * from "{audit_schema}"."{t}"'), key=repr) for (t,) in tables_before}
     point_dev_at_prod(p)
-    res = dbt(p, "test", "-s", "customers", "--store-failures", env=PROD_ONLY, expect=False)
-    assert set(statuses(res).values()) == {"error"}, statuses(res)
-    assert all("refusing to write test." in str(r.message) for r in res.node_results().values())
+    for command in ("test", "build"):
+        res = dbt(p, command, "-s", "customers" if command == "test" else "test_type:data,customers",
+                  "--store-failures", env=PROD_ONLY, expect=False)
+        tests = {k: v for k, v in statuses(res).items() if k != "customers"}
+        assert tests and set(tests.values()) == {"error"}, statuses(res)
+        assert all("refusing to write test." in str(r.message)
+                   for uid, r in res.node_results().items() if uid.startswith("test."))
+    tables_after = sorted(p.query(
+        f"select table_name from information_schema.tables where table_schema = '{audit_schema}'"))
+    assert tables_after == tables_before
+    assert {t: sorted(p.query(f'select * from "{audit_schema}"."{t}"'), key=repr) for (t,) in tables_after} == contents_before
 
 
 def test_guard_treats_a_missing_database_as_the_default(fresh):

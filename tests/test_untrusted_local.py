@@ -144,7 +144,7 @@ def test_read_bounded_unit(tmp_path):
     assert read_bounded("prod", str(path), 100, "fix") == b"x" * 100
     with pytest.raises(ManifestError, match="larger than"):
         read_bounded("prod", str(path), 99, "fix")
-    with pytest.raises(ManifestError, match="is a directory, not a regular file|it is a directory"):
+    with pytest.raises(ManifestError, match="Is a directory"):
         read_bounded("prod", str(tmp_path), 100, "fix")
 
 

@@ -349,7 +349,6 @@ _KINDS = (
     (stat_module.S_ISCHR, "a character device"),
     (stat_module.S_ISBLK, "a block device"),
     (stat_module.S_ISSOCK, "a socket"),
-    (stat_module.S_ISDIR, "a directory"),
 )
 
 
@@ -379,6 +378,11 @@ def read_bounded(env_name: str, path: str, max_bytes: int, fix: str) -> bytes:
         ) from None
     try:
         st = os.fstat(fd)
+        if stat_module.S_ISDIR(st.st_mode):
+            raise ManifestError(
+                f"dbt-defer: environment '{env_name}': cannot read {path} (Is a directory); it is a "
+                f"directory: point the environment at the folder holding {MANIFEST}"
+            )
         if not stat_module.S_ISREG(st.st_mode):
             kind = next((what for test, what in _KINDS if test(st.st_mode)), "not a regular file")
             raise ManifestError(

@@ -333,7 +333,7 @@ def max_state_bytes(environ: Mapping[str, str]) -> int:
     text = raw.strip()
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _MAX_STATE_MB_CEILING:
         raise DeferConfigError(
-            f"dbt-defer: {MAX_STATE_MB_VAR} is {raw!r}; use a whole number of megabytes from 1 to "
+            f"dbt-defer: {MAX_STATE_MB_VAR} is {raw[:40]!r}; use a whole number of megabytes from 1 to "
             f"{_MAX_STATE_MB_CEILING} (default {DEFAULT_MAX_STATE_MB}), or unset it"
         )
     return int(text) * 1024 * 1024

@@ -414,7 +414,7 @@ def test_env_var_with_an_unusable_name_is_one_line_not_ignored(key):
 
 
 def test_max_state_mb_default_and_value():
-    assert load_config(None, {}, ROOT).max_state_bytes == 2048 * 1024 * 1024
+    assert load_config(None, {}, ROOT).max_state_bytes == 512 * 1024 * 1024
     assert load_config(None, {"DBT_DEFER_MAX_STATE_MB": " 10 "}, ROOT).max_state_bytes == 10 * 1024 * 1024
 
 

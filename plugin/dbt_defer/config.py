@@ -22,7 +22,7 @@ DEV = "dev"
 DEV_POLICIES = ("always", "modified", "never")
 DEFAULT_MAX_AGE_HOURS = 72.0
 MAX_LIMIT = 2**31 - 1  # rows: what every warehouse's LIMIT accepts (and the audit table's integer column)
-DEFAULT_MAX_STATE_MB = 2048
+DEFAULT_MAX_STATE_MB = 512  # SPEC §7
 MAX_STATE_MB_VAR = "DBT_DEFER_MAX_STATE_MB"
 _MAX_STATE_MB_CEILING = 1024 * 1024  # 1 TiB: beyond any manifest; keeps the number a sane int
 _ENV_STATE = re.compile(r"^DBT_DEFER_(?P<name>[A-Za-z0-9_]+?)_STATE$")
@@ -325,8 +325,8 @@ def valid_limit(value: Any) -> bool:
 
 
 def max_state_bytes(environ: Mapping[str, str]) -> int:
-    """DBT_DEFER_MAX_STATE_MB (default 2048) in bytes: the largest local manifest.json or
-    run_results.json dbt-defer reads. A bad value is one line naming the variable."""
+    """DBT_DEFER_MAX_STATE_MB (default 512) in bytes: the largest manifest.json or
+    run_results.json dbt-defer reads from a local state or downloads. A bad value is one line naming the variable."""
     raw = environ.get(MAX_STATE_MB_VAR)
     if raw is None or not raw.strip():
         return DEFAULT_MAX_STATE_MB * 1024 * 1024

@@ -60,7 +60,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from dbt_defer.config import EnvironmentSpec, redact
+from dbt_defer.config import DeferConfigError, EnvironmentSpec, MAX_STATE_MB_VAR, redact
+from dbt_defer.config import max_state_bytes as config_max_state_bytes
 from dbt_defer.manifests import (
     MANIFEST,
     RUN_RESULTS,
@@ -78,8 +79,7 @@ META = "fetch.json"  # the pointer: which version folder is in use, and where it
 TIMEOUT_ENV = "DBT_DEFER_FETCH_TIMEOUT"  # seconds for the whole fetch of one environment
 DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 24 * 3600.0
-MAX_STATE_ENV = "DBT_DEFER_MAX_STATE_MB"  # per downloaded file, after decoding
-DEFAULT_MAX_STATE_MB = 2048
+MAX_STATE_ENV = MAX_STATE_MB_VAR  # per downloaded file, after decoding
 NAME_MAX = 64  # longer environment names: a prefix + a hash as the cache folder name
 INCOMING = ".incoming-"
 META_SCRATCH = ".fetch-"
@@ -135,18 +135,11 @@ def fetch_timeout(environ: Optional[Dict[str, str]] = None) -> float:
 
 
 def max_state_bytes(environ: Optional[Dict[str, str]] = None) -> int:
-    """DBT_DEFER_MAX_STATE_MB: a whole number of MB >= 1; unset or empty: the default."""
-    raw = (os.environ if environ is None else environ).get(MAX_STATE_ENV)
-    if raw is None or not raw.strip():
-        return DEFAULT_MAX_STATE_MB * 1024 * 1024
-    text = raw.strip()
-    if not text.isdigit() or not 1 <= int(text) <= 1024 * 1024:
-        raise RemoteConfigError(
-            f"dbt-defer: {MAX_STATE_ENV} is {raw[:40]!r}; use a whole number of megabytes from 1 to "
-            f"{1024 * 1024} (the largest manifest.json or run_results.json accepted), e.g. "
-            f"{MAX_STATE_ENV}={DEFAULT_MAX_STATE_MB}, or unset it for the default"
-        )
-    return int(text) * 1024 * 1024
+    """DBT_DEFER_MAX_STATE_MB in bytes, per downloaded file (config.max_state_bytes: one rule)."""
+    try:
+        return config_max_state_bytes(os.environ if environ is None else environ)
+    except DeferConfigError as exc:
+        raise RemoteConfigError(str(exc)) from None
 
 
 # --- URIs ------------------------------------------------------------------------------------

@@ -424,3 +424,35 @@ def test_bad_max_state_mb_names_the_variable(value):
         load_config(None, {"DBT_DEFER_MAX_STATE_MB": value}, ROOT)
     msg = str(info.value)
     assert "DBT_DEFER_MAX_STATE_MB" in msg and repr(value) in msg and "megabytes" in msg, msg
+
+
+# --- issue 14: a misspelled DBT_DEFER_<NAME>_STATE, an environment skipped by an empty state ----
+
+CHAIN_VARS = {"environments": [{"name": "staging", "state": "s"}, {"name": "prod", "state": "p"}]}
+
+
+def test_a_misspelled_state_variable_is_a_did_you_mean_warning():
+    cfg = load_config(CHAIN_VARS, {"DBT_DEFER_PRDO_STATE": "x"}, ROOT)
+    [notice] = cfg.notices
+    assert notice.startswith("dbt-defer: DBT_DEFER_PRDO_STATE adds environment 'prdo', which vars: dbt_defer: "
+                             "environments does not list (staging, prod); did you mean DBT_DEFER_PROD_STATE?")
+    assert [e.name for e in cfg.environments] == ["staging", "prdo", "prod"]  # still added, as before
+    # without vars: a near-miss of a well-known or another configured name
+    assert "did you mean DBT_DEFER_STAGING_STATE?" in load_config(
+        None, {"DBT_DEFER_STAGNIG_STATE": "x"}, ROOT).notices[0]
+    assert "did you mean DBT_DEFER_ANALYTICS_STATE?" in load_config(
+        None, {"DBT_DEFER_ANALYTICS_STATE": "x", "DBT_DEFER_ANALYTCS_STATE": "y"}, ROOT).notices[0]
+
+
+def test_names_far_from_any_known_one_are_quiet_without_vars_and_said_with_them():
+    assert load_config(None, {"DBT_DEFER_CI_STATE": "x", "DBT_DEFER_PROD_STATE": "y",
+                              "DBT_DEFER_EU_WAREHOUSE_STATE": "z"}, ROOT).notices == ()
+    [notice] = load_config(CHAIN_VARS, {"DBT_DEFER_EU_WAREHOUSE_STATE": "z"}, ROOT).notices
+    assert "does not list (staging, prod). If it is meant, list it in environments" in notice
+    assert load_config(CHAIN_VARS, {"DBT_DEFER_PROD_STATE": "elsewhere"}, ROOT).notices == ()
+
+
+def test_environments_skipped_by_an_empty_state_are_recorded():
+    cfg = load_config(CHAIN_VARS, {"DBT_DEFER_STAGING_STATE": ""}, ROOT)
+    assert [e.name for e in cfg.environments] == ["prod"]
+    assert cfg.skipped == (("staging", "DBT_DEFER_STAGING_STATE"),)

@@ -121,3 +121,22 @@ def test_an_error_inside_ref_names_the_package_macro_apart_from_the_shim(proj):
     message = str(result.exception)
     assert "called by macro ref (macros/dbt_defer/ref.sql)" in message  # the package's
     assert "called by macro ref (macros/ref.sql)" in message  # the root project's shim
+
+
+def test_a_misspelled_state_variable_is_warned_by_runs_and_status(proj, capsys):
+    from dbt_defer import cli
+    from dbt_harness import _environment
+
+    env = {**ENV, "DBT_DEFER_PRDO_STATE": "prod-artifacts/manifest.json", "DBT_DEFER_STAGING_STATE": ""}
+    settings = json.dumps({"dbt_defer": {"environments": [
+        {"name": "staging", "state": "staging-artifacts"}, {"name": "prod", "state": "prod-artifacts"}]}})
+    result = proj.dbt("compile", "-s", "stg_customers", "--vars", settings, env=env, expect=None)
+    warned = [m for m in ours(result, "warn") if "DBT_DEFER_PRDO_STATE" in m]
+    assert len(warned) == 1 and "did you mean DBT_DEFER_PROD_STATE?" in warned[0]
+
+    capsys.readouterr()
+    with _environment(env):
+        cli.main(["status", "--project-dir", str(proj.root), "--target", "dev", "--vars", settings])
+    out, err = capsys.readouterr()
+    assert "did you mean DBT_DEFER_PROD_STATE?" in err
+    assert "skipped: staging (DBT_DEFER_STAGING_STATE is empty, so that environment is not in the chain)" in out

@@ -301,6 +301,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "limit": limit if applies else None,
         "unknown_limit_targets": unknown,
         "ref_shim": shim,
+        "skipped": [{"name": name, "configured_by": source} for name, source in cfg.skipped],
+        "notices": list(cfg.notices),
         "environments": envs,
         "usable": not problems and bool(envs),
     }
@@ -350,6 +352,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"max_age_hours: {cfg.max_age_hours:g}; "
             f"limit for target {ctx.target_name or '(unknown)'}: {limit_text}"
         )
+        for name, source in cfg.skipped:
+            where = "its state in vars: dbt_defer: environments" if source == "vars" else source
+            _say(f"skipped: {name} ({where} is empty, so that environment is not in the chain)")
         _say(
             f"ref shim: installed ({shim})" if shim else
             "ref shim: not installed; add macros/ref.sql containing: " + SHIM
@@ -363,6 +368,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     if limits_warning:
         print(limits_warning, file=sys.stderr)
+    for notice in cfg.notices:
+        _say(notice, sys.stderr)
     for problem in problems:
         _say(problem, sys.stderr)
     return 1 if problems else 0

@@ -87,6 +87,10 @@ class DeferConfig:
     # invocation writes nothing in the warehouse (no audit table)
     explain: bool = False
     max_state_bytes: int = DEFAULT_MAX_STATE_MB * 1024 * 1024  # DBT_DEFER_MAX_STATE_MB
+    # configured with an empty state, so not in the chain (SPEC §3): (name, where it was set)
+    skipped: Tuple[Tuple[str, str], ...] = ()
+    # warnings about the configuration itself (a DBT_DEFER_<NAME>_STATE that looks misspelled)
+    notices: Tuple[str, ...] = ()
 
     @property
     def configured(self) -> bool:
@@ -284,6 +288,48 @@ def _env_var_states(environ: Mapping[str, str]) -> dict:
     return found
 
 
+WELL_KNOWN_NAMES = ("prod", "production", "staging", "stage", "qa", "uat", "preprod", "ci", "test")
+
+
+def _distance(a: str, b: str) -> int:
+    """Edit distance (insert, delete, substitute, swap two neighbours), small strings only."""
+    previous2: list = []
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, previous2[j - 2] + 1)
+            row.append(cost)
+        previous2, previous = previous, row
+    return previous[-1]
+
+
+def _unknown_name_notice(name: str, key: str, configured: list, others: list) -> Optional[str]:
+    """A warning for a DBT_DEFER_<NAME>_STATE that adds an environment the vars do not list
+    (always when vars list environments), or whose name is a near-miss of a configured or
+    well-known one (``others``: the names other DBT_DEFER_<NAME>_STATE variables set)."""
+    if not configured and name in WELL_KNOWN_NAMES:
+        return None
+    known = sorted(set(configured) | set(others) | set(WELL_KNOWN_NAMES))
+    near = min(known, key=lambda k: (_distance(name, k), k))
+    close = _distance(name, near) <= (1 if len(name) <= 3 else 2)
+    guess = f"; did you mean DBT_DEFER_{near.upper()}_STATE?" if close else "."
+    if configured:
+        return (
+            f"dbt-defer: {key} adds environment {name!r}, which vars: dbt_defer: environments does not "
+            f"list ({', '.join(configured)}){guess} If it is meant, list it in environments to fix "
+            "its place in the chain; otherwise unset it"
+        )
+    if close:
+        return (
+            f"dbt-defer: {key} adds environment {name!r}{guess} Unset it and set that variable if "
+            "it is a typo"
+        )
+    return None
+
+
 def _dev_policy(settings: Mapping[str, Any], environ: Mapping[str, str], favor_state: bool) -> Tuple[str, str]:
     if favor_state:
         return "never", "--favor-state"
@@ -422,20 +468,27 @@ def load_config(
     envs = _environments_from_vars(settings.get("environments"), project_root)
     by_name = {e[0]: e for e in envs}
     extra = []
-    for name, (key, value) in sorted(_env_var_states(environ).items()):
+    notices = []
+    from_env = _env_var_states(environ)
+    for name, (key, value) in sorted(from_env.items()):
         if name in by_name:
             by_name[name][1], by_name[name][2] = value, key
         else:
             extra.append([name, value, key, ""])
+            notice = _unknown_name_notice(name, key, list(by_name), [n for n in from_env if n != name])
+            if notice:
+                notices.append(notice)
     # New names go in front of 'prod' (or at the end when there is no prod); 'prod' itself last.
     extra.sort(key=lambda e: (e[0] == "prod", e[0]))
     prod_at = next((i for i, e in enumerate(envs) if e[0] == "prod"), len(envs))
     envs[prod_at:prod_at] = extra
 
     specs = []
+    skipped = []
     for name, raw_state, source, target in envs:
         if not raw_state or not raw_state.strip():
-            continue  # configured but empty: skipped (SPEC §3)
+            skipped.append((name, source))  # configured but empty: skipped (SPEC §3)
+            continue
         specs.append(EnvironmentSpec(name, _resolve_state(raw_state, project_root), source, target))
 
     if not specs:
@@ -457,4 +510,6 @@ def load_config(
         compile_as=_compile_as(environ),
         explain=truthy(environ.get("DBT_DEFER_EXPLAIN")),
         max_state_bytes=max_state_bytes(environ),
+        skipped=tuple(skipped),
+        notices=tuple(notices),
     )

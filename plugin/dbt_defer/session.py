@@ -282,6 +282,8 @@ class DeferSession:
         """
         from dbt.artifacts.schemas.manifest import WritableManifest
 
+        for notice in cfg.notices:
+            log(notice, EventLevel.WARN)
         target_name = str(task.config.target_name)
         own, chain = cfg.chain_for_target(target_name)
         if own is not None:

@@ -346,7 +346,7 @@ class DeferSession:
         # resolve (and guard) exactly as the build of the same selection would
         self._writes = guard.task_writes(task) or self.cfg.compile_as == "build"
         suspects = {}
-        for env in self.environments:
+        for env in ([] if self.native else self.environments):  # native: dbt's own --state, dbt's rules
             why = guard.this_target_warning(env, manifest, _default_database(task.config), self.current)
             if why:
                 suspects[env.name] = why

@@ -208,7 +208,7 @@ def default_package_entry() -> Dict[str, str]:
     folder = os.environ.get("DBT_DEFER_PACKAGE_DIR")
     if not folder:
         here = Path(__file__).resolve().parents[2]  # plugin/dbt_defer/testing.py -> the checkout
-        if (here / "dbt_project.yml").is_file() and (here / "macros" / "ref.sql").is_file():
+        if (here / "dbt_project.yml").is_file() and (here / "macros" / "dbt_defer" / "ref.sql").is_file():
             folder = str(here)
     if not folder:
         raise pytest.UsageError(

@@ -100,14 +100,9 @@ class Project:
         return (self.root / rel).read_text()
 
     def save_artifacts(self, folder: str) -> Path:
-        dest = self.root / folder
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True)
-        for name in ("manifest.json", "run_results.json"):
-            if (self.target / name).exists():
-                shutil.copy(self.target / name, dest / name)
-        return dest
+        from dbt_defer.testing import save_artifacts
+
+        return save_artifacts(self.target, self.root / folder)
 
     def audit(self) -> dict:
         return json.loads((self.target / "dbt_defer_audit.json").read_text())

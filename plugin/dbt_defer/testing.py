@@ -202,6 +202,18 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def save_artifacts(target: Path, dest: Path) -> Path:
+    """What an environment's job publishes: manifest.json + run_results.json of ``target``,
+    copied into a fresh ``dest`` folder."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in ("manifest.json", "run_results.json"):
+        if (target / name).exists():
+            shutil.copy(target / name, dest / name)
+    return dest
+
+
 def default_package_entry() -> Dict[str, str]:
     """packages.yml entry of the dbt_defer macro package: DBT_DEFER_PACKAGE_DIR, else the
     checkout this module was installed from (an editable install or a source tree)."""
@@ -339,14 +351,7 @@ class DeferProject:
                 path.write_text(old)
 
     def save_artifacts(self, folder: str) -> Path:
-        dest = self.root / folder
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True)
-        for name in ("manifest.json", "run_results.json"):
-            if (self.target / name).exists():
-                shutil.copy(self.target / name, dest / name)
-        return dest
+        return save_artifacts(self.target, self.root / folder)
 
     # --- dbt ----------------------------------------------------------------------------------
     def chain_env(self, **extra: str) -> Dict[str, str]:

@@ -1,0 +1,230 @@
+"""``dbt-defer explain``: where every ref() of a selection would be read from.
+
+Owns: running dbt's own compile (``dbtRunner``, DBT_DEFER=1, DBT_DEFER_EXPLAIN=1) into a scratch
+target path and showing the audit it writes. May not touch: the resolution itself (dbt and the
+plugin compute it), the user's target path (only copied from), the warehouse (explain writes
+nothing there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from dbt_defer.cli.common import (
+    AUDIT_FILE,
+    CliError,
+    Formatter,
+    ProjectContext,
+    add_project_options,
+    first_line,
+    print_json,
+    print_table,
+    say,
+    short_id,
+    warn,
+)
+
+EPILOG = """\
+Shows, for every ref() in the selected nodes, where a deferred run would read it from:
+node, ref, env (dev, an environment name, or ephemeral), relation, reason (selected,
+dev_exists, dev_modified, restricted, deferred, ephemeral, ...) and the row limit.
+By default the answer is the one `dbt build` with the same selection would get (the
+selected nodes are read from your target, where the build puts them; the write guard is
+checked); --as compile gives dbt compile's answer instead. Computed by dbt itself (dbt
+compile with DBT_DEFER=1) into a scratch target path: your target/ is left untouched, and
+nothing is created, altered or dropped in any environment (only metadata queries: which
+relations exist).
+
+examples:
+  dbt-defer explain -s customers
+  dbt-defer explain -s state:modified+ --state prod-artifacts --target ci
+  dbt-defer explain -s customers --output json | jq '.resolutions[] | select(.env == "prod")'
+"""
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "explain", help="where each ref() of the selection resolves (env, relation, reason, limit)",
+        description="Show where each ref() of the selected nodes would be read from, without building anything.",
+        epilog=EPILOG, formatter_class=Formatter,
+    )
+    sel = parser.add_argument_group("selection (as for dbt)")
+    sel.add_argument("-s", "--select", nargs="+", action="extend", metavar="SELECTOR", help="dbt selectors of the nodes to explain (default: every node, as dbt compile)")
+    sel.add_argument("--exclude", nargs="+", action="extend", metavar="SELECTOR", help="dbt selectors to leave out")
+    sel.add_argument("--selector", metavar="NAME", help="a named selector from selectors.yml")
+    sel.add_argument(
+        "--as", dest="as_command", choices=("build", "compile"), default="build",
+        help="resolve as `dbt build -s ...` would (default: selected nodes read from the target, "
+        "write guard checked) or as `dbt compile`/`show` would (a selected node missing from the "
+        "target is read through the chain)",
+    )
+    sel.add_argument("--favor-state", action="store_true", help="dev_relations: never for this explain (as dbt's --favor-state)")
+    sel.add_argument("--threads", type=int, metavar="N", help="dbt threads for the compile")
+    add_project_options(parser)
+    parser.set_defaults(func=cmd_explain)
+
+
+@contextlib.contextmanager
+def _env(extra: Dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_GENERIC = re.compile(
+    r"^(Encountered an error:?|(Runtime|Compilation|Database|Parsing|Dependency|Internal) Error)$", re.I
+)
+
+
+def _one_line(text: str) -> str:
+    """dbt's multi-line error as one line, without its generic headers."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    kept = [line for line in lines if not _GENERIC.match(line)] or lines
+    return " ".join(kept) or "(no message)"
+
+
+def _seed_scratch(ctx: ProjectContext, scratch: str) -> None:
+    """Copy (never move) what speeds the compile up: dbt's partial-parse file, fetched state."""
+    from dbt_defer import remote
+
+    parse_file = os.path.join(ctx.target_path, "partial_parse.msgpack")
+    if os.path.isfile(parse_file):
+        shutil.copy2(parse_file, os.path.join(scratch, "partial_parse.msgpack"))
+    cache = os.path.join(ctx.target_path, remote.CACHE_DIR)
+    if os.path.isdir(cache):
+        shutil.copytree(cache, os.path.join(scratch, remote.CACHE_DIR))
+
+
+def _compile_argv(ctx: ProjectContext, args: argparse.Namespace, scratch: str) -> List[str]:
+    """dbt compile's arguments: the user's project options and selection, our scratch paths."""
+    argv = [
+        "compile",
+        "--project-dir", ctx.root,
+        "--target-path", scratch,
+        "--log-path", os.path.join(scratch, "logs"),
+        "--log-level", "none",
+        "--log-level-file", "none",
+        "--no-write-json",
+    ]
+    for flag, value in (("--profiles-dir", args.profiles_dir), ("--target", args.target)):
+        if value:
+            argv += [flag, value]
+    for flag, values in (("--select", args.select), ("--exclude", args.exclude)):
+        if values:
+            argv += [flag, *values]
+    for flag, value in (("--selector", args.selector), ("--vars", args.vars), ("--state", args.state),
+                        ("--defer-state", args.defer_state)):
+        if value:
+            argv += [flag, value]
+    if args.favor_state:
+        argv += ["--favor-state"]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return argv
+
+
+def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Tuple[Dict[str, Any], Optional[str]]:
+    """Compile the selection with deferral on into a scratch target path; return the audit and
+    the summary line the deferred compile logged (the same line a deferred run ends with)."""
+    from dbt.cli.main import dbtRunner
+
+    if not ctx.cfg.configured:
+        raise CliError(
+            "dbt-defer: no environment is configured, so nothing is deferred; add vars: dbt_defer: "
+            "environments to dbt_project.yml or set DBT_DEFER_<NAME>_STATE (see dbt-defer status)",
+            2,
+        )
+    scratch = tempfile.mkdtemp(prefix="dbt-defer-explain-")
+    events: List[Tuple[str, str, str]] = []
+
+    def collect(event: Any) -> None:
+        info = event.info
+        events.append((info.name, str(info.level), info.msg or ""))
+
+    try:
+        _seed_scratch(ctx, scratch)
+        argv = _compile_argv(ctx, args, scratch)
+        # DBT_DEFER_EXPLAIN: this compile writes nothing in the warehouse (no audit table)
+        with _env({"DBT_DEFER": "1", "DBT_DEFER_COMPILE_AS": args.as_command, "DBT_DEFER_EXPLAIN": "1"}):
+            result = dbtRunner(callbacks=[collect]).invoke(argv)
+        return _read_outcome(result, events, os.path.join(scratch, AUDIT_FILE))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _read_outcome(result: Any, events: List[Tuple[str, str, str]], audit_path: str
+                  ) -> Tuple[Dict[str, Any], Optional[str]]:
+    """The compile's audit and summary line, or the CliError saying why there is none."""
+    warnings = [m for (_, level, m) in events if level == "warn" and m.startswith("dbt-defer:")]
+    for message in dict.fromkeys(warnings):
+        warn(first_line(message))
+    if not result.success:
+        errors = [m for (_, level, m) in events if level == "error" and m.strip()]
+        ours = [m for m in errors if "dbt-defer:" in m]
+        if result.exception is not None:
+            errors.append(str(result.exception))
+        if ours:
+            text = ours[0]
+            raise CliError(first_line(text[text.find("dbt-defer:"):]))
+        raise CliError(f"dbt-defer: dbt compile failed: {_one_line(errors[0] if errors else '')}")
+    if any(name in ("NoNodesSelected", "NothingToDo") or "Nothing to do" in msg for (name, _, msg) in events):
+        raise CliError("dbt-defer: the selection matched no node; check -s/--select")
+    plain = [m for (_, _, m) in events if m.startswith("dbt-defer:") and "nothing to defer to" in m]
+    if plain and not os.path.isfile(audit_path):  # the target builds the chain's last environment
+        raise CliError(first_line(plain[0]), 0)
+    if not os.path.isfile(audit_path):
+        raise CliError("dbt-defer: deferral did not run (no audit was written); check dbt-defer status")
+    with open(audit_path, encoding="utf-8") as fh:
+        document = json.load(fh)
+    lines = [m for (_, level, m) in events if level == "info" and _SUMMARY_LINE.match(m)]
+    return document, (lines[-1] if lines else None)
+
+
+_SUMMARY_LINE = re.compile(r"^dbt-defer: \d+ refs? resolved")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from dbt_defer import audit
+
+    ctx = ProjectContext(args)
+    document, line = run_explain(ctx, args)
+    if args.output == "json":
+        print_json(
+            {
+                "target": document.get("metadata", {}).get("target"),
+                "select": args.select or [],
+                "environments": document.get("environments", []),
+                "resolutions": document.get("resolutions", []),
+                "summary": document.get("summary", {}),
+            }
+        )
+        return 0
+    records = document.get("resolutions", [])
+    if not records:
+        print("dbt-defer: the selected nodes contain no ref()")
+        return 0
+    print_table(
+        ["node", "ref", "env", "relation", "reason", "limit"],
+        [[short_id(r["node"], ctx.name), short_id(r["ref"], ctx.name), r["env"], r["relation"], r["reason"],
+          r.get("limit")] for r in records],
+    )
+    crossed = sorted({r["node"] for r in records if r.get("cross_environment")})
+    for node in crossed:
+        say(f"note: {short_id(node, ctx.name)} compares data across environments")
+    say("(ids shortened as dbt's own output does; --output json has them in full)")
+    say(line or audit.summary_line(document.get("summary", {}), (r.get("limit") for r in records)))
+    return 0

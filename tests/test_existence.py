@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from dbt_defer.session import ExistenceChecker
+from dbt_defer.warehouse import ExistenceChecker
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
-from dbt_defer import guard
+from dbt_defer import chain
 from dbt_defer.config import DEV, DEV_POLICIES, DeferConfig, DeferConfigError, EnvironmentSpec, load_config
 from dbt_defer.manifests import ManifestError, load_manifest, manifest_path_for
 
@@ -231,11 +231,11 @@ def check_loaded(loaded, path: str) -> None:
     age = loaded.age_hours(datetime(2030, 1, 1, tzinfo=timezone.utc))
     assert age is None or age >= 0
     spec = EnvironmentSpec("prod", "/p", "vars")
-    warning = guard.stale_warning(spec, loaded, 72.0)
+    warning = chain.stale_warning(spec, loaded, 72.0)
     assert warning is None or (warning.startswith("dbt-defer: environment 'prod'") and "old" in warning)
     try:
-        guard.check_project(spec, loaded, "shop")
-    except guard.GuardError as exc:
+        chain.check_project(spec, loaded, "shop")
+    except chain.ChainError as exc:
         check_message(exc, path)
 
 

@@ -17,7 +17,7 @@ from typing import List, Tuple
 
 import pytest
 
-from dbt_defer import guard, remote
+from dbt_defer import chain, remote
 from dbt_defer.config import EnvironmentSpec
 from dbt_defer.manifests import ManifestError
 
@@ -189,7 +189,7 @@ def test_unreachable_falls_back_to_the_cache_with_its_age(served, tmp_path):
     assert "using the cached copy" in line and "fetched 0 min ago" in line
     assert "manifest generated" in line and "2024-01-01T00:00:00Z" in line
     # the session's entry point behaves the same
-    assert guard.local_state(env, target) == result.local
+    assert chain.local_state(env, target) == result.local
 
 
 def test_unreachable_without_cache_is_one_clear_error(served, tmp_path):

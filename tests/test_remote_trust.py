@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from dbt_defer import guard, remote
+from dbt_defer import chain, remote
 from dbt_defer.config import EnvironmentSpec, redact, uri_secrets
 from dbt_defer.manifests import ManifestError
 from test_publish import cached_pair, write_artifacts
@@ -432,12 +432,12 @@ def test_a_bad_remote_never_replaces_the_good_cached_copy(tmp_path, clean_env, p
     env = spec(f"{server.url}/prod")
     target = str(tmp_path / "target")
     try:
-        good = guard.load_environment(env, target, "shop")
+        good = chain.load_environment(env, target, "shop")
         good_text = Path(good.path).read_text()
         time.sleep(1.1)  # Last-Modified has one-second resolution
         publish_bad(root / "prod")
-        with pytest.raises((ManifestError, guard.GuardError)) as err:
-            guard.load_environment(env, target, "shop")
+        with pytest.raises((ManifestError, chain.ChainError)) as err:
+            chain.load_environment(env, target, "shop")
         text = one_line(str(err.value))
         assert "the cached copy was kept" in text
         assert (Path(remote.cached_folder(target, "prod")) / "manifest.json").read_text() == good_text
@@ -445,7 +445,7 @@ def test_a_bad_remote_never_replaces_the_good_cached_copy(tmp_path, clean_env, p
         server.stop()
     # the remote goes down: the good copy still serves, with its age stated
     warnings: List[str] = []
-    again = guard.load_environment(env, target, "shop", warn=warnings.append)
+    again = chain.load_environment(env, target, "shop", warn=warnings.append)
     assert again.project_name == "shop"
     assert len(warnings) == 1 and "using the cached copy" in warnings[0] and "fetched 0 min ago" in warnings[0]
 

@@ -206,7 +206,7 @@ def test_names_that_could_leave_a_quoted_name_are_refused(name, why):
 
 
 def test_existence_checker_never_lists_an_unsafe_or_unquotable_name():
-    from dbt_defer.session import ExistenceChecker
+    from dbt_defer.warehouse import ExistenceChecker
 
     class Policy:
         def __init__(self, **parts):

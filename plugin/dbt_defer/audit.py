@@ -13,9 +13,12 @@ import secrets
 import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
-from dbt_defer.config import DEV
+import dbt_defer
+from dbt_defer import chain
+from dbt_defer.config import DEV, EnvironmentSpec, one_line
+from dbt_defer.manifests import REFABLE
 
 AUDIT_FILE = "dbt_defer_audit.json"
 # metadata.status, present only when an invocation did not complete: "refused" (stopped before
@@ -175,20 +178,6 @@ def build_document(
     }
 
 
-def one_line(exc: BaseException) -> str:
-    """An error as one line for the audit and the warnings: dbt-defer's own line when there is
-    one, else the first meaningful line without dbt's generic headers ("Database Error", ...)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    ours = [line[line.find("dbt-defer:"):] for line in lines if "dbt-defer:" in line]
-    if ours:
-        return ours[0]
-    kept = [line for line in lines if not _ERROR_HEADER.match(line)] or lines
-    return kept[0] if kept else type(exc).__name__
-
-
-_ERROR_HEADER = re.compile(r"^((Database|Runtime|Compilation|Internal|Parsing|Dbt\w*) ?Error( in .*)?|Encountered an error):?$")
-
-
 def write_document(document: Dict[str, Any], target_path: str) -> str:
     """Write atomically (temp file + rename): a reader never sees half a file.
 
@@ -278,3 +267,97 @@ def sweep_temp_files(target_path: str, now: Optional[float] = None) -> List[str]
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --- one invocation's audit file (dbt's task in, warnings out through ``warn``) ------------------
+
+
+def run_metadata(task: Any) -> Dict[str, Any]:
+    return {
+        "dbt_defer_version": dbt_defer.__version__,
+        "invocation_id": _invocation_id(),
+        "generated_at": now_iso(),
+        "target": task.config.target_name,
+        "command": command_of(task),
+    }
+
+
+def _invocation_id() -> Optional[str]:
+    try:
+        from dbt_common.invocation import get_invocation_id
+
+        return get_invocation_id()
+    except Exception:  # pragma: no cover - older dbt-common
+        return None
+
+
+def command_of(task: Any) -> str:
+    which = getattr(task.args, "which", None)
+    return str(which) if which else type(task).__name__
+
+
+def write_for_run(task: Any, document: Dict[str, Any], warn: Callable[[str], None]) -> None:
+    """target/dbt_defer_json; a failure is one warning line, never the run's outcome."""
+    try:
+        write_document(document, chain.target_path_of(task.config))
+    except Exception as exc:
+        where = os.path.join(chain.target_path_of(task.config), AUDIT_FILE)
+        warn(
+            f"dbt-defer: could not write the audit file {where} ({one_line(exc)}); the run is not "
+            "affected. Make that path a writable file (remove what is there), or use another --target-path"
+        )
+
+
+def end_refused(task: Any, error: BaseException, environments: Sequence[Any],
+                specs: Optional[Sequence[EnvironmentSpec]], warn: Callable[[str], None]) -> None:
+    """A deferred invocation stopped before resolving any ref: replace the previous invocation's
+    audit file, which would look current, by one that says so (``metadata.status: refused``,
+    ``metadata.error``, no resolutions). Never raises. A target path inside an environment's
+    state folder (itself a reason to refuse) gets nothing new written into it: the stale file
+    is removed instead."""
+    try:
+        target_path = chain.target_path_of(task.config)
+        if specs is not None and chain.inside_state_folder(target_path, specs):
+            stale = os.path.join(target_path, AUDIT_FILE)
+            if os.path.isfile(stale):
+                os.unlink(stale)
+            return
+        metadata = {**run_metadata(task), "status": REFUSED, "error": one_line(error)}
+        document = build_document([], metadata=metadata, environments=[e.describe() for e in environments])
+    except Exception as exc:  # never hide the refusal itself
+        warn(f"dbt-defer: could not record the refused run in the audit ({one_line(exc)})")
+        return
+    write_for_run(task, document, warn)
+
+
+def upstream_not_selected(manifest: Any, selected: FrozenSet[str]) -> List[str]:
+    """Models, seeds and snapshots (not ephemeral) upstream of the selection that the run did
+    not select: what ``dbt build -s +<selection>`` would also have built (SPEC §5). Walks
+    ``depends_on`` once (through ephemeral models and tests too); linear in the graph."""
+    nodes = manifest.nodes
+    unit_tests = getattr(manifest, "unit_tests", None) or {}
+    seen = set(selected)
+    stack = list(selected)
+    found = []
+    while stack:
+        uid = stack.pop()
+        node = nodes.get(uid) or unit_tests.get(uid)
+        for parent in getattr(getattr(node, "depends_on", None), "nodes", None) or ():
+            if parent in seen:
+                continue
+            seen.add(parent)
+            stack.append(parent)
+            other = nodes.get(parent)
+            if other is not None and other.resource_type in REFABLE and not getattr(other, "is_ephemeral_model", False):
+                found.append(parent)
+    return sorted(found)
+
+
+def tests_with_failures(task: Any) -> List[str]:
+    """Data tests of this run that failed or warned (found rows)."""
+    found = []
+    for result in getattr(task, "node_results", None) or []:
+        node = getattr(result, "node", None)
+        if getattr(node, "resource_type", None) == "test" and str(getattr(result, "status", "")) in ("fail", "warn"):
+            found.append(node.unique_id)
+    return found

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from dbt_common.events.base_types import EventLevel
 
-from dbt_defer.audit import one_line
+from dbt_defer.config import one_line
 
 TABLE_NAME = "dbt_defer_audit"
 TABLE_BATCH = 500  # rows per insert statement

@@ -176,6 +176,32 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
     return _QUERY.sub(lambda m: m.group("uri") + "?" + REDACTED, text)
 
 
+_ERROR_HEADER = re.compile(
+    r"^((Database|Runtime|Compilation|Internal|Parsing|Dependency|Dbt\w*) ?Error( in .*)?|Encountered an error):?$",
+    re.I,
+)
+
+
+def one_line(error: Any, *, pick: str = "first", limit: Optional[int] = None) -> str:
+    """The one error-to-line helper: an exception (or its text) as one line for messages, the
+    audit and warnings.
+
+    Blank lines and dbt's generic headers ("Runtime Error", "Database Error in model x",
+    "Encountered an error") are dropped, unless nothing else is left; dbt-defer's own line wins
+    when there is one (from "dbt-defer:" on). Then ``pick``: the "first" meaningful line, the
+    "last" (dbt's selector errors end with the cause), or "all" of them joined by spaces.
+    Whitespace runs become one space; ``limit``: at most that many characters. Nothing left:
+    the exception's type name.
+    """
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    ours = [line[line.find("dbt-defer:"):] for line in lines if "dbt-defer:" in line]
+    kept = ours[:1] or [line for line in lines if not _ERROR_HEADER.match(line)] or lines
+    if not kept:
+        return type(error).__name__ if isinstance(error, BaseException) else "(no message)"
+    text = " ".join(kept) if pick == "all" else kept[-1] if pick == "last" else kept[0]
+    return text[:limit] if limit else text
+
+
 def truthy(value: Optional[str]) -> bool:
     """dbt's reading of boolean env vars such as DBT_DEFER / DBT_FAVOR_STATE."""
     return value is not None and value.strip().lower() in _TRUE
@@ -368,6 +394,17 @@ LIMIT_RANGE = f"use a whole number from 0 to {MAX_LIMIT}, or null for no limit"
 def valid_limit(value: Any) -> bool:
     """A row limit: None (no limit) or an int in 0..MAX_LIMIT (not a bool, not a float)."""
     return value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LIMIT)
+
+
+def node_meta(node: Any) -> Mapping[str, Any]:
+    """A dbt node's ``meta: dbt_defer: {...}`` (node meta, then config meta); {} when absent."""
+    meta: dict = {}
+    config = getattr(node, "config", None)
+    for source in (getattr(node, "meta", None), getattr(config, "meta", None)):
+        if isinstance(source, dict):
+            meta.update(source)
+    value = meta.get("dbt_defer")
+    return value if isinstance(value, dict) else {}
 
 
 def max_state_bytes(environ: Mapping[str, str]) -> int:

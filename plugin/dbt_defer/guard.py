@@ -1,165 +1,24 @@
-"""Safety checks (SPEC §7): nothing here writes; each failure is one clear line."""
+"""The write guard (SPEC §7): which selected nodes would write a relation a chain environment
+records, which nodes are restricted (never_defer), and the ref-shim check. Nothing here writes,
+loads or fetches (that is ``chain``); each failure is one clear line.
+
+Imports ``config`` and ``chain`` (for ``source_of``), and dbt's selector and task classes lazily;
+never the warehouse, the audit or the session.
+"""
 
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
-from dbt_defer.config import EnvironmentSpec
-from dbt_defer.manifests import (
-    MANIFEST,
-    LoadedManifest,
-    format_age,
-    load_manifest,
-    manifest_path_for,
-    project_id_for,
-)
+from dbt_defer.chain import source_of
+from dbt_defer.config import node_meta, one_line
 
 SHIM = "{% macro ref() %}{{ return(dbt_defer.ref(*varargs, **kwargs)) }}{% endmacro %}"
 
 
 class GuardError(RuntimeError):
     pass
-
-
-def source_of(spec: EnvironmentSpec) -> str:
-    """Where an environment's state comes from, as shown in messages (redacted)."""
-    state = spec.redact(spec.state)  # a URI's credentials and query string are never shown
-    return f"{spec.source}={state}" if spec.source.startswith(("DBT_", "--")) else state
-
-
-
-def local_state(
-    spec: EnvironmentSpec,
-    target_path: str,
-    warn: Optional[Callable[[str], None]] = None,
-    project_name: Optional[str] = None,
-) -> str:
-    """The local folder/file for an environment's state; a URI is fetched into the cache first
-    (a download of another project's manifest is refused before it replaces the cached copy)."""
-    if not spec.is_uri:
-        return spec.state
-    from dbt_defer import remote
-
-    return remote.fetch_state(spec, target_path, warn=warn, project_name=project_name)
-
-
-def load_environment(
-    spec: EnvironmentSpec,
-    target_path: str,
-    project_name: Optional[str],
-    *,
-    is_compatible: Optional[Callable[[str], bool]] = None,
-    warn: Optional[Callable[[str], None]] = None,
-    local: Optional[str] = None,
-    native: bool = False,
-) -> LoadedManifest:
-    """Fetch (URI), locate and validate one environment's manifest: the one sequence that a
-    deferred run and the CLI both use. Raises ManifestError or GuardError with the clear line.
-
-    ``local``: the state's local folder when the caller has fetched it already. ``native``: dbt's
-    own --state (SPEC §2): a state in the target path is dbt's business, only warned about.
-    """
-    if "{{" in spec.state:
-        raise GuardError(
-            f"dbt-defer: environment '{spec.name}': state {spec.redact(spec.state)} contains Jinja, which dbt does "
-            f"not render inside vars: dbt_defer; set DBT_DEFER_{spec.name.upper()}_STATE instead "
-            "(e.g. in your shell or CI job)"
-        )
-    if local is None:
-        local = local_state(spec, target_path, warn, project_name)
-    try:
-        check_not_target_path(spec, local, target_path)
-    except GuardError as exc:
-        if not native:
-            raise
-        if warn is not None:
-            warn(f"{exc} (dbt's own --defer: not refused)")
-    manifest = load_manifest(spec.name, manifest_path_for(spec.name, local), is_compatible=is_compatible)
-    if project_name:
-        check_project(spec, manifest, project_name)
-    if warn is not None:
-        for line in unusable_lines(spec, manifest):
-            warn(line)
-    return manifest
-
-
-def check_distinct_states(specs: Iterable[EnvironmentSpec]) -> None:
-    """Two environments reading one state would make the chain a lie (the second never wins)."""
-    seen: Dict[str, EnvironmentSpec] = {}
-    for spec in specs:
-        key = spec.state if spec.is_uri or "\0" in spec.state else os.path.realpath(spec.state)
-        if not spec.is_uri and os.path.isfile(key):
-            key = os.path.dirname(key)
-        first = seen.setdefault(key, spec)
-        if first is not spec:
-            raise GuardError(
-                f"dbt-defer: environments '{first.name}' ({source_of(first)}) and '{spec.name}' "
-                f"({source_of(spec)}) read the same state; point each environment at its own artifacts "
-                f"(or remove '{spec.name}')"
-            )
-
-
-MAX_UNUSABLE_LINES = 5
-
-
-def unusable_lines(spec: EnvironmentSpec, manifest: LoadedManifest) -> list:
-    """One warning line per node whose names cannot be SQL names (SPEC §7), at most a few, then
-    one line counting the rest."""
-    uids = sorted(manifest.unusable)
-    lines = [manifest.unusable_line(spec.name, uid) for uid in uids[:MAX_UNUSABLE_LINES]]
-    if len(uids) > MAX_UNUSABLE_LINES:
-        lines.append(
-            f"dbt-defer: environment '{spec.name}': {len(uids) - MAX_UNUSABLE_LINES} more node(s) of "
-            f"{manifest.path} have names that cannot be SQL names; their records there are not used either"
-        )
-    return lines
-
-
-def check_not_target_path(spec: EnvironmentSpec, state: str, target_path: str) -> None:
-    """``state`` is the environment's folder or its manifest file; either may not exist yet.
-
-    Refused when the run's target path is that folder or inside it: dbt writes its artifacts
-    there (manifest.json first, at parse time) and would overwrite the environment's state.
-    """
-    if "\0" in state:
-        return  # not a usable path at all; the manifest reader says so
-    state = os.path.abspath(state)
-    is_file = os.path.isfile(state) or (not os.path.isdir(state) and state.endswith(".json"))
-    folder = os.path.realpath(os.path.dirname(state) if is_file else state)
-    target = os.path.realpath(target_path)
-    if target == folder or target.startswith(folder.rstrip(os.sep) + os.sep):
-        what = "this run's own target path" if target == folder else f"a folder holding this run's target path"
-        raise GuardError(
-            f"dbt-defer: environment '{spec.name}' state {source_of(spec)} is {what} "
-            f"({target_path}), which dbt overwrites during the run; copy that environment's artifacts "
-            "to another folder (e.g. prod-artifacts/) and point the environment there, or use another --target-path"
-        )
-
-
-def check_project(spec: EnvironmentSpec, manifest: LoadedManifest, project_name: str) -> None:
-    if manifest.project_name:
-        other = manifest.project_name
-        same = other == project_name
-    elif manifest.project_id:
-        other = f"project_id {manifest.project_id}"
-        same = manifest.project_id == project_id_for(project_name)
-    elif project_name in manifest.packages:
-        return  # no project name recorded (hand-made, old dbt), but nodes of this project
-    else:
-        # nothing says it is this project's: an empty or foreign manifest must not pass
-        what = "no node" if not manifest.packages else f"only nodes of {', '.join(sorted(manifest.packages)[:3])}"
-        raise GuardError(
-            f"dbt-defer: environment '{spec.name}': {manifest.path} records no project name or "
-            f"project_id and {what} of project {project_name!r}, so it cannot be this project's "
-            "manifest; point the environment at the manifest.json dbt writes for this project"
-        )
-    if not same:
-        raise GuardError(
-            f"dbt-defer: environment '{spec.name}': {manifest.path} is a manifest of project {other!r}, "
-            f"not of {project_name!r}; point the environment at this project's artifacts"
-        )
 
 
 def task_writes(task: Any) -> bool:
@@ -311,24 +170,6 @@ def this_target_warning(env: Any, manifest: Any, default_database: Optional[str]
     )
 
 
-def stale_warning(spec: EnvironmentSpec, manifest: LoadedManifest, max_age_hours: float, now=None) -> Optional[str]:
-    """The warning line for a manifest older than max_age_hours, or None."""
-    age = manifest.age_hours(now)
-    if age is None or not age > max_age_hours:
-        return None
-    return (
-        f"dbt-defer: environment '{spec.name}' manifest {manifest.path} is {format_age(age)} old "
-        f"(generated_at {manifest.generated_at}; max_age_hours {max_age_hours:g}); deferred refs may "
-        "read stale tables: refresh that environment's artifacts, or raise vars: dbt_defer: max_age_hours"
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    lines = [line for line in lines if line.lower() not in ("runtime error", "compilation error")]
-    return lines[-1] if lines else type(exc).__name__
-
-
 def _deep_no_warn(spec: Any) -> None:
     """Selections that match nothing are reported by us, naming never_defer, not by dbt."""
     if hasattr(spec, "expect_exists"):
@@ -361,7 +202,7 @@ def never_defer_nodes(selectors: Iterable[str], graph: Any, manifest: Any, previ
         except Exception as exc:  # dbt raises several kinds for bad selectors
             raise GuardError(
                 f"dbt-defer: vars: dbt_defer: never_defer selector {raw!r} is not a valid dbt selector "
-                f"({_first_line(exc)}); use dbt selector syntax such as tag:pii or path:models/restricted"
+                f"({one_line(exc, pick='last')}); use dbt selector syntax such as tag:pii or path:models/restricted"
             ) from None
         if not chosen:
             log(
@@ -370,6 +211,15 @@ def never_defer_nodes(selectors: Iterable[str], graph: Any, manifest: Any, previ
                 EventLevel.WARN,
             )
         found |= set(chosen)
+    return frozenset(found)
+
+
+def restricted_nodes(task: Any, never_defer: Iterable[str], log: Callable[..., None]) -> FrozenSet[str]:
+    """Nodes read only from the running target (SPEC §7): ``meta: dbt_defer: defer: false`` and
+    what the ``never_defer`` selectors match. Raises GuardError for a bad selector."""
+    found: Set[str] = {uid for uid, node in task.manifest.nodes.items() if node_meta(node).get("defer") is False}
+    if never_defer:
+        found |= never_defer_nodes(never_defer, task.graph, task.manifest, task.previous_state, log)
     return frozenset(found)
 
 

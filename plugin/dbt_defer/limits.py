@@ -18,8 +18,9 @@ So a ref dbt-defer limits renders in two steps:
    anything else (a keyword, ``)``, ``,``, the end) gets the ref's own identifier as alias,
    so ``x.col`` keeps working. The user's SQL elsewhere is never rewritten.
 
-Pure functions (no dbt import), plus the unknown-target warning and the line about failing
-tests on limited data.
+Pure functions (no dbt import at module level), plus the limit a ref gets, the unknown-target
+warning (reading the profile's targets through dbt's ``read_profile``) and the line about
+failing tests on limited data. Imports ``config`` only.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from __future__ import annotations
 import copy
 import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
+
+from dbt_defer.config import LIMIT_RANGE, node_meta, valid_limit
 
 MARK = "/*dbt-defer-limited-ref "
 _MARK_RE = re.compile(r"/\*dbt-defer-limited-ref (\d+) ([^\n]*?)\*/")
@@ -141,6 +144,39 @@ def has_alias(sql: str, i: int) -> bool:
 
 
 # --- checks and messages ---------------------------------------------------------------------------
+
+
+class LimitError(ValueError):
+    """An invalid ``meta: dbt_defer: limit``; the message is the one line."""
+
+
+def limit_for(cfg: Any, target_name: str, node: Any, target: Any) -> Optional[int]:
+    """The row limit of ``node``'s ref to ``target`` (SPEC §6), or None; the line
+    (LimitError) for an invalid ``meta: dbt_defer: limit``."""
+    applies, limit = cfg.limit_for_target(target_name)
+    if not applies:
+        return None
+    if node.resource_type == "test" and not cfg.limit_tests:
+        return None
+    meta = node_meta(target)
+    if "limit" in meta:
+        value = meta["limit"]
+        if not valid_limit(value):
+            raise LimitError(f"dbt-defer: meta dbt_defer.limit of {target.unique_id} is {value!r}; {LIMIT_RANGE}")
+        return value
+    return limit
+
+
+def profile_targets(config: Any, args: Any) -> Optional[List[str]]:
+    """The targets (outputs) of the running profile in profiles.yml; None when unreadable."""
+    try:
+        from dbt.config.profile import read_profile
+
+        folder = getattr(args, "profiles_dir", None) or getattr(args, "PROFILES_DIR", None)
+        outputs = read_profile(str(folder)).get(config.profile_name, {}).get("outputs")
+    except Exception:
+        return None
+    return [str(name) for name in outputs] if isinstance(outputs, dict) else None
 
 
 def unknown_targets(limits: Sequence[Any], profile_targets: Iterable[str]) -> List[str]:

@@ -19,7 +19,7 @@ from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import msgspec
 
-from dbt_defer.config import DeferConfigError, max_state_bytes
+from dbt_defer.config import DeferConfigError, max_state_bytes, one_line
 
 MANIFEST = "manifest.json"
 RUN_RESULTS = "run_results.json"
@@ -269,11 +269,6 @@ _DECODE_RESULTS = msgspec.json.Decoder(_RunResults)
 _DECODE_METADATA_ONLY = msgspec.json.Decoder(_MetadataOnly)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200] if text else type(exc).__name__
-
-
 def _stat_key(path: str) -> Optional[Tuple[int, int]]:
     try:
         st = os.stat(path)
@@ -423,12 +418,12 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
     try:
         parsed = _DECODE_MANIFEST.decode(raw)
     except msgspec.ValidationError as exc:
-        raise _explain_invalid(env_name, path, raw, _one_line(exc), is_compatible) from None
+        raise _explain_invalid(env_name, path, raw, one_line(exc, pick='all', limit=200), is_compatible) from None
     except RecursionError:
         raise _not_a_manifest(env_name, path, "it is nested too deeply") from None
     except msgspec.DecodeError as exc:
         raise ManifestError(
-            f"dbt-defer: environment '{env_name}': {path} is not valid JSON ({_one_line(exc)}); "
+            f"dbt-defer: environment '{env_name}': {path} is not valid JSON ({one_line(exc, pick='all', limit=200)}); "
             f"it may be truncated or not a manifest at all — copy that environment's {MANIFEST} again"
         ) from None
     meta = parsed.metadata
@@ -511,7 +506,7 @@ def _read_run_results(env_name: str, path: str, max_bytes: int) -> Tuple[Dict[st
         parsed = _DECODE_RESULTS.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise ManifestError(
-            f"dbt-defer: environment '{env_name}': {path} is not a dbt run_results.json ({_one_line(exc)}); "
+            f"dbt-defer: environment '{env_name}': {path} is not a dbt run_results.json ({one_line(exc, pick='all', limit=200)}); "
             "copy it again from that environment's target/ or remove it"
         ) from None
     bad: Dict[str, str] = {}

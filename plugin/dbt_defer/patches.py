@@ -106,7 +106,7 @@ def _finish(session: Any, error: Optional[BaseException]) -> None:
     except Exception as exc:  # finish warns on its own; this is the last line of defence
         from dbt_common.events.base_types import EventLevel
 
-        from dbt_defer.audit import one_line
+        from dbt_defer.config import one_line
         from dbt_defer.session import log
 
         log(f"dbt-defer: the audit step failed ({one_line(exc)}); the run is not affected", EventLevel.WARN)

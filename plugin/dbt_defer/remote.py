@@ -60,7 +60,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from dbt_defer.config import DeferConfigError, EnvironmentSpec, MAX_STATE_MB_VAR, redact
+from dbt_defer.config import DeferConfigError, EnvironmentSpec, MAX_STATE_MB_VAR, one_line, redact
 from dbt_defer.config import max_state_bytes as config_max_state_bytes
 from dbt_defer.manifests import (
     MANIFEST,
@@ -219,18 +219,13 @@ def _filesystem(env_name: str, uri: str, timeout: Optional[float] = None) -> Tup
             else f"install the fsspec implementation for {protocol}://"
         )
         raise ManifestError(
-            f"dbt-defer: environment '{env_name}': cannot read {shown}: {redact(_first_line(exc))}; {hint}"
+            f"dbt-defer: environment '{env_name}': cannot read {shown}: {redact(one_line(exc, limit=300))}; {hint}"
         ) from None
     except ValueError as exc:
         raise ManifestError(
-            f"dbt-defer: environment '{env_name}': cannot read {shown}: {redact(_first_line(exc))}; use a local "
+            f"dbt-defer: environment '{env_name}': cannot read {shown}: {redact(one_line(exc, limit=300))}; use a local "
             "path or a file://, http(s)://, s3:// or gs:// URI"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split())[:300] if text else type(exc).__name__
 
 
 # --- the deadline ----------------------------------------------------------------------------

@@ -1,17 +1,19 @@
-"""The resolution rules of SPEC §4, as plain logic.
+"""The resolution rules of SPEC §4, as plain logic: where one ref reads from.
 
-Knows nothing of dbt's classes or of the CLI: the caller hands in what it knows about the
-referenced node and two callables (does a relation exist? did the developer change the node?).
+Knows nothing of dbt's classes, the warehouse or the CLI: the caller hands in what it knows
+about the referenced node (the chain's ``Candidate`` list) and two callables (does a relation
+exist? did the developer change the node?). Imports ``config`` and ``chain`` only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence
 
+from dbt_defer.chain import Candidate, Location, first_existing, render
 from dbt_defer.config import DEV
 
-Location = Tuple[Optional[str], Optional[str], str]  # (database, schema, identifier)
+__all__ = ["Candidate", "Location", "render", "resolve", "Resolution", "Unresolved", "RestrictedMissing"]
 
 EPHEMERAL = "ephemeral"
 # reasons (SPEC §5): short machine-readable words
@@ -22,15 +24,6 @@ DEV_MODIFIED = "dev_modified"
 DEV_FALLBACK = "dev_fallback"
 DEFERRED = "deferred"
 MISSING = "missing"  # env and reason of a ref found nowhere (SPEC §4.6)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """What one chain environment knows about the referenced node."""
-
-    env: str
-    location: Optional[Location]  # None: the environment cannot serve it
-    problem: Optional[str] = None  # why not, when location is None
 
 
 @dataclass(frozen=True)
@@ -52,10 +45,6 @@ class RestrictedMissing(Exception):
     def __init__(self, location: Location):
         super().__init__(render(location))
         self.location = location
-
-
-def render(location: Location) -> str:
-    return ".".join(part for part in location if part)
 
 
 def resolve(
@@ -94,20 +83,11 @@ def resolve(
             raise RestrictedMissing(dev_location)
         return Resolution(DEV, RESTRICTED, dev_location)
 
-    places = []
     dev_exists = policy != "never" and exists(dev_location)
     if dev_exists and policy == "always":
         return Resolution(DEV, DEV_EXISTS, dev_location)
 
-    chosen = None
-    for cand in candidates:
-        if cand.location is None:
-            places.append(f"{cand.env}: {cand.problem}")
-            continue
-        if exists(cand.location):
-            chosen = cand
-            break
-        places.append(f"{cand.env}: {render(cand.location)} does not exist in the warehouse")
+    chosen, places = first_existing(candidates, exists)
 
     if policy == "modified" and dev_exists:
         if chosen is None or modified_against(chosen.env):

@@ -6,34 +6,26 @@ the only caller. Uses dbt's public-ish APIs (adapter, relation cache, selectors,
 
 from __future__ import annotations
 
-import concurrent.futures
-import copy
 import dataclasses
 import json
 import os
-import re
-import threading
-from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from dbt_common.events.base_types import EventLevel
 from dbt_common.events.functions import fire_event
 from dbt_common.events.types import Note
 from dbt_common.exceptions import CompilationError, DbtRuntimeError
 
-import dbt_defer
-from dbt_defer import audit, audit_table, guard, limits
+from dbt_defer import audit, audit_table, chain, guard, limits
 from dbt_defer.config import (
     DEV,
-    LIMIT_RANGE,
     DeferConfig,
     DeferConfigError,
-    EnvironmentSpec,
     load_config,
+    one_line,
     overlay_settings,
-    valid_limit,
 )
-from dbt_defer.manifests import REFABLE, LoadedManifest, ManifestError, unsafe_name
+from dbt_defer.chain import Environment, Location, render
 from dbt_defer.resolution import (
     DEFERRED,
     DEV_EXISTS,
@@ -41,13 +33,11 @@ from dbt_defer.resolution import (
     MISSING,
     RESTRICTED,
     SELECTED,
-    Candidate,
-    Location,
     RestrictedMissing,
     Unresolved,
-    render,
     resolve,
 )
+from dbt_defer.warehouse import ExistenceChecker
 
 
 def log(msg: str, level: EventLevel = EventLevel.INFO) -> None:
@@ -60,17 +50,18 @@ def settings_from(config: Any) -> Optional[Mapping[str, Any]]:
     return overlay_settings(project, getattr(config, "cli_vars", None))
 
 
+def _load(config: Any, args: Any) -> DeferConfig:
+    """The run's DeferConfig from dbt's project config and flags; DeferConfigError on bad input."""
+    return load_config(
+        settings_from(config), os.environ, config.project_root,
+        defer_state=_str(getattr(args, "defer_state", None)), state=_str(getattr(args, "state", None)),
+        favor_state=bool(getattr(args, "favor_state", False)),
+    )
+
+
 def config_for_task(task: Any) -> DeferConfig:
-    args = task.args
     try:
-        return load_config(
-            settings_from(task.config),
-            os.environ,
-            task.config.project_root,
-            defer_state=_str(getattr(args, "defer_state", None)),
-            state=_str(getattr(args, "state", None)),
-            favor_state=bool(getattr(args, "favor_state", False)),
-        )
+        return _load(task.config, task.args)
     except DeferConfigError as exc:
         raise DbtRuntimeError(str(exc)) from None
 
@@ -79,171 +70,23 @@ def refuse_target_path_in_state(config: Any) -> None:
     """Before dbt parses (and writes manifest.json into its target path): refuse a target path
     that is, or is inside, a chain environment's local state folder (SPEC §7). Native mode
     keeps dbt's own rule (dbt allows ``--state target``)."""
-    args = config.args
     try:
-        cfg = load_config(
-            settings_from(config), os.environ, config.project_root,
-            defer_state=_str(getattr(args, "defer_state", None)), state=_str(getattr(args, "state", None)),
-            favor_state=bool(getattr(args, "favor_state", False)),
-        )
+        cfg = _load(config, config.args)
     except DeferConfigError:
         return  # reported by the run itself, which also replaces the previous audit
     if cfg.native:
         return
-    target_path = _target_path(config)
+    target_path = chain.target_path_of(config)
     for spec in cfg.environments:
         if not spec.is_uri:
             try:
-                guard.check_not_target_path(spec, spec.state, target_path)
-            except guard.GuardError as exc:
+                chain.check_not_target_path(spec, spec.state, target_path)
+            except chain.ChainError as exc:
                 raise DbtRuntimeError(str(exc)) from None
 
 
 def _str(value: Any) -> Optional[str]:
     return None if value is None else str(value)
-
-
-@dataclass(frozen=True)
-class Environment:
-    spec: EnvironmentSpec
-    manifest: LoadedManifest
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def candidate(self, unique_id: str) -> Candidate:
-        node = self.manifest.nodes.get(unique_id)
-        if node is None:
-            return Candidate(self.name, None, f"no enabled model/seed/snapshot {unique_id} in {self.manifest.path}")
-        if node.materialized == "ephemeral":
-            return Candidate(self.name, None, f"{unique_id} is ephemeral there (no relation)")
-        if unique_id in self.manifest.unusable:  # SPEC §7: its names never reach SQL
-            return Candidate(self.name, None, f"{unique_id} has a name there that cannot be a SQL name")
-        status = self.manifest.bad_status.get(unique_id)
-        if status:
-            return Candidate(
-                self.name, None, f"{unique_id} has status '{status}' in {self.manifest.run_results_path}"
-            )
-        return Candidate(self.name, node.location)
-
-    def describe(self) -> Dict[str, Any]:
-        return {
-            "name": self.name,
-            "state": self.spec.redact(self.spec.state),
-            "generated_at": self.manifest.generated_at,
-            "nodes": self.manifest.node_count,
-        }
-
-
-_DBT_CACHED: FrozenSet[str] = frozenset({"<cached by dbt>"})  # sentinel: ask dbt's live cache
-_BARE_WORD = re.compile(r"^[\w$-]+$")  # what may be rendered unquoted (any script's letters)
-
-
-def _unquoted_parts(adapter: Any) -> FrozenSet[str]:
-    """The parts of a relation name this project renders unquoted (adapter default + quoting:)."""
-    try:
-        policy = dict(adapter.Relation.get_default_quote_policy().to_dict(omit_none=True))
-        policy.update(getattr(adapter.config, "quoting", None) or {})
-    except Exception:  # unknown: the strict rule for every part
-        return frozenset({"database", "schema", "identifier"})
-    return frozenset(p for p in ("database", "schema", "identifier") if not policy.get(p, False))
-
-
-class ExistenceChecker:
-    """Does a relation exist? Backed by dbt's relation cache.
-
-    Every (database, schema) is settled once, under a per-schema lock: a schema dbt cached
-    before the run is looked up in dbt's live cache; any other schema is listed once (one
-    metadata query) and what was found also goes into dbt's cache. No thread ever reads a
-    schema while another is still listing it.
-    """
-
-    def __init__(self, adapter: Any) -> None:
-        self.adapter = adapter
-        self._lock = threading.Lock()
-        self._schema_locks: Dict[Tuple[str, str], threading.Lock] = {}
-        self._listed: Dict[Tuple[str, str], FrozenSet[str]] = {}
-        self.queries: Dict[Tuple[str, str], int] = {}
-        self._unquoted: Optional[FrozenSet[str]] = None
-
-    def _key(self, database: Optional[str], schema: Optional[str]) -> Tuple[str, str]:
-        database = database or getattr(self.adapter.config.credentials, "database", "") or ""
-        return (database.lower(), (schema or "").lower())
-
-    def exists(self, location: Location) -> bool:
-        database, schema, identifier = location
-        if not self._safe(location):
-            return False  # never pasted into a metadata query (SPEC §7); the reader said why
-        key = self._key(database, schema)
-        listed = self._listed.get(key)
-        if listed is None:
-            listed = self._settle(key, database, schema)
-        if listed is _DBT_CACHED:
-            return self.adapter.get_relation(database, schema, identifier) is not None
-        return identifier.lower() in listed
-
-    def _safe(self, location: Location) -> bool:
-        """Every part can be a SQL name (manifests.unsafe_name); a part the adapter renders
-        unquoted (quoting off) must moreover be one word (letters, digits, _, $, -)."""
-        if self._unquoted is None:
-            self._unquoted = _unquoted_parts(self.adapter)
-        for part, value in zip(("database", "schema", "identifier"), location):
-            if value is None:
-                continue
-            if unsafe_name(value) is not None:
-                return False
-            if part in self._unquoted and not _BARE_WORD.match(value):
-                return False
-        return True
-
-    def _settle(self, key: Tuple[str, str], database: Optional[str], schema: Optional[str]) -> FrozenSet[str]:
-        with self._lock:
-            schema_lock = self._schema_locks.setdefault(key, threading.Lock())
-        with schema_lock:
-            listed = self._listed.get(key)
-            if listed is not None:
-                return listed
-            adapter = self.adapter
-            # Only this lock's holder adds this schema to dbt's cache, so if it is there now,
-            # dbt cached it itself (complete, and kept current by dbt as the run writes).
-            if (database, schema) in adapter.cache:
-                self._listed[key] = _DBT_CACHED
-                return _DBT_CACHED
-            schema_relation = adapter.Relation.create(
-                database=database, schema=schema, identifier="", quote_policy=adapter.config.quoting
-            ).without_identifier()
-            relations = self._list(schema_relation, f"list_{database}_{schema}")
-            self.queries[key] = self.queries.get(key, 0) + 1
-            for relation in relations:
-                adapter.cache.add(relation)
-            adapter.cache.update_schemas([(database, schema)])
-            listed = frozenset((r.identifier or "").lower() for r in relations)
-            self._listed[key] = listed
-            return listed
-
-
-    def _list(self, schema_relation: Any, name: str) -> List[Any]:
-        """One metadata query on a connection of its own, in its own thread, as dbt's own
-        cache population does: the caller's connection (dbt's "master" while deferral is
-        merged, or a node's) is never renamed, released or left inside a transaction."""
-
-        def work() -> List[Any]:
-            with self.adapter.connection_named(name):
-                return list(self.adapter.list_relations_without_caching(schema_relation))
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(work).result()
-
-
-def _meta(node: Any) -> Dict[str, Any]:
-    meta: Dict[str, Any] = {}
-    config = getattr(node, "config", None)
-    for source in (getattr(node, "meta", None), getattr(config, "meta", None)):
-        if isinstance(source, dict):
-            meta.update(source)
-    value = meta.get("dbt_defer")
-    return value if isinstance(value, dict) else {}
 
 
 def _normalized(value: Any) -> str:
@@ -285,9 +128,9 @@ class DeferSession:
         for notice in cfg.notices:
             log(notice, EventLevel.WARN)
         target_name = str(task.config.target_name)
-        own, chain = cfg.chain_for_target(target_name)
+        own, specs = cfg.chain_for_target(target_name)
         if own is not None:
-            if not chain:
+            if not specs:
                 log(
                     f"dbt-defer: target '{target_name}' builds environment '{own.name}', the last of the "
                     "chain: nothing to defer to, so this run is plain dbt (no deferral)"
@@ -295,34 +138,18 @@ class DeferSession:
                 return cls(task, cfg, [], plain=True)
             log(
                 f"dbt-defer: target '{target_name}' builds environment '{own.name}': deferring to "
-                + ", ".join(e.name for e in chain)
+                + ", ".join(e.name for e in specs)
             )
-        target_path = os.path.realpath(_target_path(task.config))
+        target_path = os.path.realpath(chain.target_path_of(task.config))
         project = task.config.project_name
         _note_ignored_defer_state(task, cfg)
-        if not cfg.native:
-            try:
-                guard.check_distinct_states(chain)
-            except guard.GuardError as exc:
-                raise DbtRuntimeError(str(exc)) from None
-        envs = []
-        for spec in chain:
-            try:
-                manifest = guard.load_environment(
-                    spec, target_path, None if cfg.native else project,
-                    is_compatible=WritableManifest.is_compatible_version,
-                    native=cfg.native, warn=lambda line, spec=spec: log(spec.redact(line), EventLevel.WARN),
-                )
-            except (ManifestError, guard.GuardError) as exc:
-                if cfg.native:
-                    log(f"{spec.redact(str(exc))} (dbt's own --defer reads this state; dbt-defer only audits it)",
-                        EventLevel.WARN)
-                    continue
-                raise DbtRuntimeError(spec.redact(str(exc))) from None
-            envs.append(Environment(spec, manifest))
-            stale = guard.stale_warning(spec, manifest, cfg.max_age_hours)
-            if stale:
-                log(stale, EventLevel.WARN)
+        try:
+            envs = chain.load_chain(
+                specs, target_path, project, native=cfg.native, max_age_hours=cfg.max_age_hours,
+                warn=lambda line: log(line, EventLevel.WARN), is_compatible=WritableManifest.is_compatible_version,
+            )
+        except chain.ChainError as exc:
+            raise DbtRuntimeError(str(exc)) from None
         _warn_unknown_limit_targets(task, cfg)
         return cls(task, cfg, envs)
 
@@ -353,8 +180,9 @@ class DeferSession:
         self._guard(task, suspects)
         # nodes: the 'graph' Jinja variable is patched with them (with_defer_relation)
         if self.native:
-            self._drop_deferral(manifest, self.restricted)
-        elif self._assign_deferral(manifest):  # functions changed: their part of 'graph' too
+            chain.drop_deferral(manifest, self.restricted)
+        elif chain.assign_deferral(manifest, self.environments, self.restricted, self.checker.exists,
+                                   lambda line: log(line, EventLevel.WARN)):  # functions changed: their part of 'graph' too
             flat_graph = getattr(manifest, "flat_graph", None)
             if isinstance(flat_graph, dict) and "functions" in flat_graph:
                 flat_graph["functions"] = {k: v.to_dict(omit_none=False) for k, v in manifest.functions.items()}
@@ -400,107 +228,14 @@ class DeferSession:
     def _say_suspects(self, suspects: Dict[str, str]) -> None:
         for env in self.environments:
             if env.name in suspects:
-                log(f"dbt-defer: environment '{env.name}' ({guard.source_of(env.spec)}) {suspects[env.name]}",
+                log(f"dbt-defer: environment '{env.name}' ({chain.source_of(env.spec)}) {suspects[env.name]}",
                     EventLevel.WARN)
 
-    def _drop_deferral(self, manifest: Any, unique_ids: FrozenSet[str]) -> bool:
-        changed = False
-        for uid in unique_ids:
-            node = manifest.nodes.get(uid)
-            if node is not None and getattr(node, "defer_relation", None) is not None:
-                manifest.nodes[uid] = with_defer_relation(manifest, node, None)
-                changed = True
-        return changed
-
-    def chain_choice(self, unique_id: str) -> Tuple[Optional["Environment"], List[str]]:
-        """The first environment that has the node, did not fail it, and whose relation exists
-        (SPEC §4.5); else None and every place looked at."""
-        places = []
-        for env in self.environments:
-            cand = env.candidate(unique_id)
-            if cand.location is None:
-                places.append(f"{cand.env}: {cand.problem}")
-            elif self.checker.exists(cand.location):
-                return env, places
-            else:
-                places.append(f"{cand.env}: {render(cand.location)} does not exist in the warehouse")
-        return None, places
-
-    def _assign_deferral(self, manifest: Any) -> bool:
-        """Every node's defer_relation is the chain's choice; True when functions changed."""
-        from dbt.artifacts.resources import DeferRelation
-
-        for uid, node in list(manifest.nodes.items()):
-            if node.resource_type not in ("model", "seed", "snapshot") or node.is_ephemeral_model:
-                continue
-            defer_relation = None
-            env = None if uid in self.restricted else self.chain_choice(uid)[0]
-            if env is not None:
-                database, schema, identifier = env.manifest.nodes[uid].location
-                defer_relation = DeferRelation(
-                    database=database,
-                    schema=schema,
-                    alias=identifier,
-                    relation_name=None,
-                    resource_type=node.resource_type,
-                    name=node.name,
-                    description=node.description,
-                    compiled_code=None,
-                    meta=node.meta,
-                    tags=node.tags,
-                    config=node.config,
-                )
-            if getattr(node, "defer_relation", None) != defer_relation:
-                manifest.nodes[uid] = with_defer_relation(manifest, node, defer_relation)
-        return self._assign_function_deferral(manifest)  # True: functions changed
-
-    def _assign_function_deferral(self, manifest: Any) -> bool:
-        """dbt >= 1.11 functions: ``defer_function`` from the first environment whose
-        run_results.json records the function as built; else from the first environment that
-        lists it and did not fail it. (A function is not a relation: no listing can confirm it.)"""
-        functions = getattr(manifest, "functions", None)
-        if not functions:
-            return False
-        from dbt.artifacts.resources.v1.function import DeferFunction
-
-        changed = False
-        for uid, function in list(functions.items()):
-            if uid in self.restricted:
-                continue
-            listing = [e for e in self.environments if uid in e.manifest.functions and not e.manifest.bad_status.get(uid)]
-            built = [e for e in listing if uid in e.manifest.built]
-            for env in built + [e for e in listing if e not in built]:
-                raw = env.manifest.functions[uid]
-                fields = {k: raw.get(k) for k in (
-                    "database", "schema", "alias", "arguments", "returns", "resource_type", "name",
-                    "description", "compiled_code", "meta", "tags", "config")}
-                for key, empty in (("meta", {}), ("tags", []), ("arguments", []), ("description", "")):
-                    fields[key] = fields[key] or empty
-                try:
-                    defer_fn = DeferFunction.from_dict(fields)
-                except Exception as exc:  # an unreadable record: that environment cannot serve it
-                    log(f"dbt-defer: environment '{env.name}': cannot read function {uid} ({exc}); skipped",
-                        EventLevel.WARN)
-                    continue
-                functions[uid] = dataclasses.replace(function, defer_function=defer_fn)
-                changed = True
-                break
-        if changed and hasattr(manifest, "_function_lookup"):
-            manifest._function_lookup = None
-        return changed
-
     def _restricted(self, task: Any) -> FrozenSet[str]:
-        found: Set[str] = {
-            uid for uid, node in task.manifest.nodes.items() if _meta(node).get("defer") is False
-        }
-        if self.cfg.never_defer:
-            try:
-                found |= guard.never_defer_nodes(
-                    self.cfg.never_defer, task.graph, task.manifest, task.previous_state, log
-                )
-            except guard.GuardError as exc:
-                raise DbtRuntimeError(str(exc)) from None
-        return frozenset(found)
+        try:
+            return guard.restricted_nodes(task, self.cfg.never_defer, log)
+        except guard.GuardError as exc:
+            raise DbtRuntimeError(str(exc)) from None
 
     def _selected_now(self) -> FrozenSet[str]:
         from dbt import selected_resources
@@ -612,18 +347,10 @@ class DeferSession:
         return relation
 
     def _limit_for(self, node: Any, target: Any) -> Optional[int]:
-        applies, limit = self.cfg.limit_for_target(self.task.config.target_name)
-        if not applies:
-            return None
-        if node.resource_type == "test" and not self.cfg.limit_tests:
-            return None
-        meta = _meta(target)
-        if "limit" in meta:
-            value = meta["limit"]
-            if not valid_limit(value):
-                raise CompilationError(f"dbt-defer: meta dbt_defer.limit of {target.unique_id} is {value!r}; {LIMIT_RANGE}")
-            return value
-        return limit
+        try:
+            return limits.limit_for(self.cfg, self.task.config.target_name, node, target)
+        except limits.LimitError as exc:
+            raise CompilationError(str(exc)) from None
 
     def _modified(self, target: Any, env_name: str) -> bool:
         key = (target.unique_id, env_name)
@@ -673,15 +400,15 @@ class DeferSession:
             return
         # (not merged and no error: nothing was selected; the audit says so with no records)
         records = self.recorder.records()
-        metadata = _metadata(task)
+        metadata = audit.run_metadata(task)
         if error is not None:  # dbt raised while refs were being resolved: the records so far
-            metadata.update(status=audit.FAILED, error=audit.one_line(error))
+            metadata.update(status=audit.FAILED, error=one_line(error))
         saved = self._savings()
         document = audit.build_document(records, metadata=metadata, environments=self._described(), saved=saved)
-        _write_audit(task, document)
+        audit.write_for_run(task, document, _warn)
         try:
             # only commands that run tests report them (compile/show only compile them)
-            ran_tests = _command(task) in ("test", "build")
+            ran_tests = audit.command_of(task) in ("test", "build")
             for test, envs in (audit.cross_environment_tests(records) if ran_tests else {}).items():
                 log(
                     f"dbt-defer: {test} compares data across environments ({', '.join(envs)}); "
@@ -692,7 +419,7 @@ class DeferSession:
                 audit_table.append(task, document, self.environments, log)
         finally:
             log(audit.summary_line(document["summary"], (r.limit for r in records), saved.measured_in))
-            line = limits.failing_tests_line(records, _tests_with_failures(task))
+            line = limits.failing_tests_line(records, audit.tests_with_failures(task))
             if line:
                 log(line, EventLevel.WARN)
 
@@ -705,82 +432,13 @@ class DeferSession:
             # dbt sets the selection when it executes; a run that selected nothing never merged
             selected = self._selected_now() if self.merged else frozenset()
             return audit.savings(
-                upstream_not_selected(self.task.manifest, selected),
+                audit.upstream_not_selected(self.task.manifest, selected),
                 [(e.name, e.manifest.build_seconds if e.manifest.run_results_path else None)
                  for e in self.environments],
             )
         except Exception as exc:
-            log(f"dbt-defer: could not count the upstream nodes not rebuilt ({audit.one_line(exc)})", EventLevel.WARN)
+            log(f"dbt-defer: could not count the upstream nodes not rebuilt ({one_line(exc)})", EventLevel.WARN)
             return audit.Savings()
-
-
-def end_refused(task: Any, error: BaseException, environments: Sequence[Environment] = (),
-                cfg: Optional[DeferConfig] = None) -> None:
-    """A deferred invocation stopped before resolving any ref: replace the previous invocation's
-    audit file, which would look current, by one that says so (``metadata.status: refused``,
-    ``metadata.error``, no resolutions). Never raises. A target path inside an environment's
-    state folder (itself a reason to refuse) gets nothing new written into it: the stale file
-    is removed instead."""
-    try:
-        target_path = _target_path(task.config)
-        if cfg is not None and _inside_state_folder(target_path, cfg):
-            stale = os.path.join(target_path, audit.AUDIT_FILE)
-            if os.path.isfile(stale):
-                os.unlink(stale)
-            return
-        metadata = {**_metadata(task), "status": audit.REFUSED, "error": audit.one_line(error)}
-        document = audit.build_document([], metadata=metadata, environments=[e.describe() for e in environments])
-    except Exception as exc:  # never hide the refusal itself
-        log(f"dbt-defer: could not record the refused run in the audit ({audit.one_line(exc)})", EventLevel.WARN)
-        return
-    _write_audit(task, document)
-
-
-def _write_audit(task: Any, document: Dict[str, Any]) -> None:
-    """target/dbt_defer_audit.json; a failure is one warning line, never the run's outcome."""
-    try:
-        audit.write_document(document, _target_path(task.config))
-    except Exception as exc:
-        where = os.path.join(_target_path(task.config), audit.AUDIT_FILE)
-        log(
-            f"dbt-defer: could not write the audit file {where} ({audit.one_line(exc)}); the run is not "
-            "affected. Make that path a writable file (remove what is there), or use another --target-path",
-            EventLevel.WARN,
-        )
-
-
-def _inside_state_folder(target_path: str, cfg: DeferConfig) -> bool:
-    target = os.path.realpath(target_path)
-    for spec in cfg.environments:
-        if spec.is_uri or "\0" in spec.state:
-            continue
-        state = os.path.realpath(spec.state)
-        folder = state if os.path.isdir(state) else os.path.dirname(state)
-        if target == folder or target.startswith(folder.rstrip(os.sep) + os.sep):
-            return True
-    return False
-
-
-def _metadata(task: Any) -> Dict[str, Any]:
-    return {
-        "dbt_defer_version": dbt_defer.__version__,
-        "invocation_id": _invocation_id(),
-        "generated_at": audit.now_iso(),
-        "target": task.config.target_name,
-        "command": _command(task),
-    }
-
-
-def profile_targets(config: Any, args: Any) -> Optional[List[str]]:
-    """The targets (outputs) of the running profile in profiles.yml; None when unreadable."""
-    try:
-        from dbt.config.profile import read_profile
-
-        folder = getattr(args, "profiles_dir", None) or getattr(args, "PROFILES_DIR", None)
-        outputs = read_profile(str(folder)).get(config.profile_name, {}).get("outputs")
-    except Exception:
-        return None
-    return [str(name) for name in outputs] if isinstance(outputs, dict) else None
 
 
 def _note_ignored_defer_state(task: Any, cfg: DeferConfig) -> None:
@@ -797,99 +455,21 @@ def _note_ignored_defer_state(task: Any, cfg: DeferConfig) -> None:
 def _warn_unknown_limit_targets(task: Any, cfg: DeferConfig) -> None:
     if not cfg.limits:
         return
-    targets = profile_targets(task.config, task.args)
+    targets = limits.profile_targets(task.config, task.args)
     unknown = limits.unknown_targets(cfg.limits, targets or ())
     if targets and unknown:
         log(limits.unknown_targets_warning(unknown, task.config.profile_name, targets), EventLevel.WARN)
-
-
-def _tests_with_failures(task: Any) -> List[str]:
-    """Data tests of this run that failed or warned (found rows)."""
-    found = []
-    for result in getattr(task, "node_results", None) or []:
-        node = getattr(result, "node", None)
-        if getattr(node, "resource_type", None) == "test" and str(getattr(result, "status", "")) in ("fail", "warn"):
-            found.append(node.unique_id)
-    return found
 
 
 def _default_database(config: Any) -> Optional[str]:
     return getattr(getattr(config, "credentials", None), "database", None)
 
 
-def with_defer_relation(manifest: Any, node: Any, defer_relation: Any) -> Any:
-    """``node`` with ``defer_relation`` set, for ``manifest.nodes[uid]``; the 'graph' Jinja
-    variable (``manifest.flat_graph``) gets the same ``defer_relation``.
-
-    Linear and cheap at 20k nodes (bench/, SPEC §10): a shallow copy instead of dbt's
-    ``dataclasses.replace`` (which re-runs the node's __init__, ~5x slower), and the flat graph
-    patched in place instead of ``build_flat_graph`` (which serializes every node again: seconds
-    at 20k). The result equals what dbt's replace + build_flat_graph would give (tests/test_merge.py).
-    """
-    new = copy.copy(node)
-    new.defer_relation = defer_relation
-    flat_graph = getattr(manifest, "flat_graph", None)
-    flat = flat_graph.get("nodes", {}).get(node.unique_id) if isinstance(flat_graph, dict) else None
-    if flat is not None:
-        if defer_relation is None:
-            flat["defer_relation"] = None
-        else:  # DeferRelation.to_dict(omit_none=False), reusing the node's own serialized fields
-            flat["defer_relation"] = {
-                "database": defer_relation.database,
-                "schema": defer_relation.schema,
-                "alias": defer_relation.alias,
-                "relation_name": defer_relation.relation_name,
-                "resource_type": flat["resource_type"],
-                "name": flat["name"],
-                "description": flat["description"],
-                "compiled_code": defer_relation.compiled_code,
-                "meta": flat["meta"],
-                "tags": flat["tags"],
-                "config": flat["config"],
-            }
-    return new
+def end_refused(task: Any, error: BaseException, environments: Sequence[Environment] = (),
+                cfg: Optional[DeferConfig] = None) -> None:
+    """The invocation stopped before resolving any ref: see ``audit.end_refused``. Never raises."""
+    audit.end_refused(task, error, environments, cfg.environments if cfg is not None else None, _warn)
 
 
-def upstream_not_selected(manifest: Any, selected: FrozenSet[str]) -> List[str]:
-    """Models, seeds and snapshots (not ephemeral) upstream of the selection that the run did
-    not select: what ``dbt build -s +<selection>`` would also have built (SPEC §5). Walks
-    ``depends_on`` once (through ephemeral models and tests too); linear in the graph."""
-    nodes = manifest.nodes
-    unit_tests = getattr(manifest, "unit_tests", None) or {}
-    seen = set(selected)
-    stack = list(selected)
-    found = []
-    while stack:
-        uid = stack.pop()
-        node = nodes.get(uid) or unit_tests.get(uid)
-        for parent in getattr(getattr(node, "depends_on", None), "nodes", None) or ():
-            if parent in seen:
-                continue
-            seen.add(parent)
-            stack.append(parent)
-            other = nodes.get(parent)
-            if other is not None and other.resource_type in REFABLE and not getattr(other, "is_ephemeral_model", False):
-                found.append(parent)
-    return sorted(found)
-
-
-
-def _target_path(config: Any) -> str:
-    path = getattr(config, "project_target_path", None)
-    if path:
-        return path
-    return os.path.join(config.project_root, config.target_path)
-
-
-def _invocation_id() -> Optional[str]:
-    try:
-        from dbt_common.invocation import get_invocation_id
-
-        return get_invocation_id()
-    except Exception:  # pragma: no cover - older dbt-common
-        return None
-
-
-def _command(task: Any) -> str:
-    which = getattr(task.args, "which", None)
-    return str(which) if which else type(task).__name__
+def _warn(line: str) -> None:
+    log(line, EventLevel.WARN)

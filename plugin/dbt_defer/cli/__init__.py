@@ -1,6 +1,6 @@
 """The ``dbt-defer`` command line: status, explain, fetch, publish (SPEC §8).
 
-The CLI sits on top of the package: it imports config, manifests, guard, remote and publish,
+The CLI sits on top of the package: it imports config, manifests, chain, guard, remote and publish,
 and none of them imports it. One module per command (``status``, ``explain``, ``fetch``,
 ``publish``: its options, its logic, its output); ``common`` reads the project as dbt does and
 holds the output helpers. This module owns only the parser and ``main``.

@@ -265,14 +265,14 @@ def load_env(ctx: ProjectContext, spec: EnvironmentSpec, warn=warn, local: Optio
     """(loaded manifest, manifest path) for one environment, or raise CliError with the clear line.
 
     ``local``: the state's local folder when the caller has fetched it already."""
-    from dbt_defer import guard
+    from dbt_defer import chain
     from dbt_defer.manifests import ManifestError
 
     try:
-        manifest = guard.load_environment(
+        manifest = chain.load_environment(
             spec, ctx.target_path, ctx.name, is_compatible=is_compatible(), warn=warn, local=local
         )
-    except (ManifestError, guard.GuardError) as exc:
+    except (ManifestError, chain.ChainError) as exc:
         raise CliError(spec.redact(str(exc))) from None
     return manifest, manifest.path
 

@@ -1,7 +1,7 @@
 """``dbt-defer fetch``: copy every remote environment's state into the local cache and verify it.
 
 Owns: the fetch table and JSON. May not touch: how a remote is fetched or trusted (``remote``),
-how a manifest is loaded and checked (``guard``/``manifests``).
+how a manifest is loaded and checked (``chain``/``manifests``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``dbt-defer status``: the deferral chain as a table, every environment's manifest checked.
 
 Owns: the status document (text and JSON), the ref-shim check, the publish pointer a remote
-state was read through. May not touch: fetching or loading rules (``guard``/``remote``), the
+state was read through. May not touch: fetching or loading rules (``chain``/``remote``), the
 project reading (``common``).
 """
 

@@ -1,0 +1,115 @@
+"""The warehouse room: does a relation exist? Listing, quoting, and the name checks made
+before any name reaches a metadata query (SPEC §7).
+
+Owns ``ExistenceChecker`` (backed by dbt's relation cache and adapter). Imports ``manifests``
+(its name rule) and nothing above; it never decides which environment wins (``resolution``,
+``chain``) and never writes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import threading
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+
+from dbt_defer.manifests import unsafe_name
+from dbt_defer.chain import Location
+
+_DBT_CACHED: FrozenSet[str] = frozenset({"<cached by dbt>"})  # sentinel: ask dbt's live cache
+_BARE_WORD = re.compile(r"^[\w$-]+$")  # what may be rendered unquoted (any script's letters)
+
+
+def _unquoted_parts(adapter: Any) -> FrozenSet[str]:
+    """The parts of a relation name this project renders unquoted (adapter default + quoting:)."""
+    try:
+        policy = dict(adapter.Relation.get_default_quote_policy().to_dict(omit_none=True))
+        policy.update(getattr(adapter.config, "quoting", None) or {})
+    except Exception:  # unknown: the strict rule for every part
+        return frozenset({"database", "schema", "identifier"})
+    return frozenset(p for p in ("database", "schema", "identifier") if not policy.get(p, False))
+
+
+class ExistenceChecker:
+    """Does a relation exist? Backed by dbt's relation cache.
+
+    Every (database, schema) is settled once, under a per-schema lock: a schema dbt cached
+    before the run is looked up in dbt's live cache; any other schema is listed once (one
+    metadata query) and what was found also goes into dbt's cache. No thread ever reads a
+    schema while another is still listing it.
+    """
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter = adapter
+        self._lock = threading.Lock()
+        self._schema_locks: Dict[Tuple[str, str], threading.Lock] = {}
+        self._listed: Dict[Tuple[str, str], FrozenSet[str]] = {}
+        self.queries: Dict[Tuple[str, str], int] = {}
+        self._unquoted: Optional[FrozenSet[str]] = None
+
+    def _key(self, database: Optional[str], schema: Optional[str]) -> Tuple[str, str]:
+        database = database or getattr(self.adapter.config.credentials, "database", "") or ""
+        return (database.lower(), (schema or "").lower())
+
+    def exists(self, location: Location) -> bool:
+        database, schema, identifier = location
+        if not self._safe(location):
+            return False  # never pasted into a metadata query (SPEC §7); the reader said why
+        key = self._key(database, schema)
+        listed = self._listed.get(key)
+        if listed is None:
+            listed = self._settle(key, database, schema)
+        if listed is _DBT_CACHED:
+            return self.adapter.get_relation(database, schema, identifier) is not None
+        return identifier.lower() in listed
+
+    def _safe(self, location: Location) -> bool:
+        """Every part can be a SQL name (manifests.unsafe_name); a part the adapter renders
+        unquoted (quoting off) must moreover be one word (letters, digits, _, $, -)."""
+        if self._unquoted is None:
+            self._unquoted = _unquoted_parts(self.adapter)
+        for part, value in zip(("database", "schema", "identifier"), location):
+            if value is None:
+                continue
+            if unsafe_name(value) is not None:
+                return False
+            if part in self._unquoted and not _BARE_WORD.match(value):
+                return False
+        return True
+
+    def _settle(self, key: Tuple[str, str], database: Optional[str], schema: Optional[str]) -> FrozenSet[str]:
+        with self._lock:
+            schema_lock = self._schema_locks.setdefault(key, threading.Lock())
+        with schema_lock:
+            listed = self._listed.get(key)
+            if listed is not None:
+                return listed
+            adapter = self.adapter
+            # Only this lock's holder adds this schema to dbt's cache, so if it is there now,
+            # dbt cached it itself (complete, and kept current by dbt as the run writes).
+            if (database, schema) in adapter.cache:
+                self._listed[key] = _DBT_CACHED
+                return _DBT_CACHED
+            schema_relation = adapter.Relation.create(
+                database=database, schema=schema, identifier="", quote_policy=adapter.config.quoting
+            ).without_identifier()
+            relations = self._list(schema_relation, f"list_{database}_{schema}")
+            self.queries[key] = self.queries.get(key, 0) + 1
+            for relation in relations:
+                adapter.cache.add(relation)
+            adapter.cache.update_schemas([(database, schema)])
+            listed = frozenset((r.identifier or "").lower() for r in relations)
+            self._listed[key] = listed
+            return listed
+
+    def _list(self, schema_relation: Any, name: str) -> List[Any]:
+        """One metadata query on a connection of its own, in its own thread, as dbt's own
+        cache population does: the caller's connection (dbt's "master" while deferral is
+        merged, or a node's) is never renamed, released or left inside a transaction."""
+
+        def work() -> List[Any]:
+            with self.adapter.connection_named(name):
+                return list(self.adapter.list_relations_without_caching(schema_relation))
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(work).result()

@@ -2,6 +2,11 @@
 
 Thread-safe: dbt compiles nodes on several threads; each (node, ref) pair is kept once.
 Holds no credentials and no data values — only node ids, environment names and relation names.
+
+Also owns one invocation's audit file: its metadata, writing it (a failure is one warning
+through the ``warn`` callable handed in, never the run's outcome), the ``refused`` audit, and
+the counts behind the savings (upstream nodes not rebuilt). Imports ``config``, ``manifests``
+and ``chain``; never the guard, the session or dbt's events.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def check_not_target_path(spec: EnvironmentSpec, state: str, target_path: str) -
     folder = os.path.realpath(os.path.dirname(state) if is_file else state)
     target = os.path.realpath(target_path)
     if target == folder or target.startswith(folder.rstrip(os.sep) + os.sep):
-        what = "this run's own target path" if target == folder else f"a folder holding this run's target path"
+        what = "this run's own target path" if target == folder else "a folder holding this run's target path"
         raise ChainError(
             f"dbt-defer: environment '{spec.name}' state {source_of(spec)} is {what} "
             f"({target_path}), which dbt overwrites during the run; copy that environment's artifacts "

@@ -1,7 +1,8 @@
 """Configuration: project vars + environment variables + dbt's own flags -> one frozen object.
 
 This module is the bottom of the package: it imports nothing of ours and nothing of dbt,
-so it can be unit-tested with plain dicts.
+so it can be unit-tested with plain dicts. It also holds the package's one error-to-line
+helper (``one_line``) and reads a node's ``meta: dbt_defer`` settings (``node_meta``).
 
 Sources, later wins (SPEC §3):
 1. ``vars: dbt_defer: {...}`` in dbt_project.yml (and ``--vars``);

@@ -3,6 +3,9 @@
 Only the fields deferral needs are decoded (msgspec skips the rest without building it), and
 parsed manifests are cached in-process by (path, mtime, size). Every problem becomes one
 ``ManifestError`` line naming the environment, the path, what is wrong and the fix.
+
+Imports ``config`` only: it reads untrusted files and knows nothing of chains, dbt's live
+objects or the warehouse.
 """
 
 from __future__ import annotations

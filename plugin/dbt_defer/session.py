@@ -1,7 +1,12 @@
-"""One deferred invocation: the loaded chain, the existence checks, the audit recorder.
+"""One deferred invocation, thin: it wires the rooms below to one running dbt task.
 
 Built from a running dbt task when deferral is on and a chain is configured; ``patches`` is
-the only caller. Uses dbt's public-ish APIs (adapter, relation cache, selectors, events).
+the only caller. Owns the invocation's state (the loaded chain, the selection, the restricted
+and refused nodes, the audit recorder) and the order of events: start (``chain.load_chain``),
+merge (``guard``, then ``chain.assign_deferral``), each ref (``resolution.resolve`` with
+``warehouse.ExistenceChecker``, ``limits``), finish (``audit``, ``audit_table``). Loading,
+existence checks, write checks and the audit file live in those modules, not here; dbt
+internals are patched only in ``patches``. Uses dbt's public-ish APIs (adapter, events).
 """
 
 from __future__ import annotations
@@ -146,7 +151,7 @@ class DeferSession:
         try:
             envs = chain.load_chain(
                 specs, target_path, project, native=cfg.native, max_age_hours=cfg.max_age_hours,
-                warn=lambda line: log(line, EventLevel.WARN), is_compatible=WritableManifest.is_compatible_version,
+                warn=_warn, is_compatible=WritableManifest.is_compatible_version,
             )
         except chain.ChainError as exc:
             raise DbtRuntimeError(str(exc)) from None
@@ -181,8 +186,7 @@ class DeferSession:
         # nodes: the 'graph' Jinja variable is patched with them (with_defer_relation)
         if self.native:
             chain.drop_deferral(manifest, self.restricted)
-        elif chain.assign_deferral(manifest, self.environments, self.restricted, self.checker.exists,
-                                   lambda line: log(line, EventLevel.WARN)):  # functions changed: their part of 'graph' too
+        elif chain.assign_deferral(manifest, self.environments, self.restricted, self.checker.exists, _warn):  # functions changed: their part of 'graph' too
             flat_graph = getattr(manifest, "flat_graph", None)
             if isinstance(flat_graph, dict) and "functions" in flat_graph:
                 flat_graph["functions"] = {k: v.to_dict(omit_none=False) for k, v in manifest.functions.items()}

@@ -302,7 +302,7 @@ def command_of(task: Any) -> str:
 
 
 def write_for_run(task: Any, document: Dict[str, Any], warn: Callable[[str], None]) -> None:
-    """target/dbt_defer_json; a failure is one warning line, never the run's outcome."""
+    """target/dbt_defer_audit.json; a failure is one warning line, never the run's outcome."""
     try:
         write_document(document, chain.target_path_of(task.config))
     except Exception as exc:

@@ -109,7 +109,25 @@ def test_secrets_of_a_state_uri_are_never_shown(state, secrets):
 # --- signed URLs: the query string stays at the end --------------------------------------------
 
 
-class TokenHandler(http.server.SimpleHTTPRequestHandler):
+class GatedHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a file only when ``_allowed()`` says so (it sends the error itself otherwise)."""
+
+    def log_message(self, *args):
+        pass
+
+    def _allowed(self) -> bool:
+        raise NotImplementedError
+
+    def do_HEAD(self):
+        if self._allowed():
+            super().do_HEAD()
+
+    def do_GET(self):
+        if self._allowed():
+            super().do_GET()
+
+
+class TokenHandler(GatedHandler):
     token = "T0KENsecret"
     seen: List[str] = []
 
@@ -123,13 +141,6 @@ class TokenHandler(http.server.SimpleHTTPRequestHandler):
             return False
         return True
 
-    def do_HEAD(self):
-        if self._allowed():
-            super().do_HEAD()
-
-    def do_GET(self):
-        if self._allowed():
-            super().do_GET()
 
 
 def test_signed_url_keeps_its_query_string_at_the_end(tmp_path, clean_env):
@@ -516,7 +527,7 @@ TOKEN = "T0KENsecret"
 S3_SECRET = "S3CRETKEYvalue"
 
 
-class AuthHandler(http.server.SimpleHTTPRequestHandler):
+class AuthHandler(GatedHandler):
     """Serves only with the right basic auth and token (so the credentials really are used)."""
 
     def log_message(self, *args):
@@ -529,13 +540,6 @@ class AuthHandler(http.server.SimpleHTTPRequestHandler):
             return False
         return True
 
-    def do_HEAD(self):
-        if self._allowed():
-            super().do_HEAD()
-
-    def do_GET(self):
-        if self._allowed():
-            super().do_GET()
 
 
 @pytest.fixture(scope="module")

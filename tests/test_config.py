@@ -1,4 +1,4 @@
-"""Unit tests for dbt_defer.config.load_config: every source and precedence of SPEC §3."""
+"""Unit tests for dbt_defer.settings.load_config: every source and precedence of SPEC §3."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from dbt_defer.config import DeferConfigError, load_config, truthy
+from dbt_defer.config import DeferConfigError, truthy
+from dbt_defer.settings import load_config
 
 ROOT = "/projects/shop"
 
@@ -319,7 +320,7 @@ def test_compile_as_rejects_other_values_in_one_line():
 
 
 def test_overlay_settings_cli_vars_win_key_by_key():
-    from dbt_defer.config import overlay_settings
+    from dbt_defer.settings import overlay_settings
 
     project = {"dbt_defer": {"limits": {"dev": 10}, "max_age_hours": 5}, "other": 1}
     assert overlay_settings(project, {"dbt_defer": {"max_age_hours": 1}}) == {"limits": {"dev": 10}, "max_age_hours": 1}

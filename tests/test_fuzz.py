@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
 from dbt_defer import chain
-from dbt_defer.config import DEV, DEV_POLICIES, DeferConfig, DeferConfigError, EnvironmentSpec, load_config
+from dbt_defer.config import DEV, DEV_POLICIES, DeferConfig, DeferConfigError, EnvironmentSpec
+from dbt_defer.settings import load_config
 from dbt_defer.manifests import ManifestError, load_manifest, manifest_path_for
 
 ROOT = "/projects/shop"

@@ -401,6 +401,12 @@ def test_manifest_errors_unit(tmp_path):
                                              "dbt_version": "0.19.0"}, "nodes": {"a": {"config": 1}}}))
     with pytest.raises(ManifestError, match=r"environment 'qa': .*manifest/v3.json \(written by dbt 0.19.0\), which this dbt cannot read"):
         load_manifest("qa", str(path), is_compatible=lambda v: v.endswith("v12.json"))
+    # the file's own version text is shown on one line, whatever line separators it holds
+    path.write_text(json.dumps({"metadata": {"dbt_schema_version": "https://schemas.getdbt.com/dbt/manifest/v3.json",
+                                             "dbt_version": "0.19\u2028\x1c\n0"}, "nodes": {}}))
+    with pytest.raises(ManifestError) as info:
+        load_manifest("qa", str(path), is_compatible=lambda v: v.endswith("v12.json"))
+    assert len(str(info.value).splitlines()) == 1 and "written by dbt 0.19 0)" in str(info.value)
     deep = "[" * 5000 + "]" * 5000  # msgspec raises RecursionError past ~1000 levels
     path.write_text('{"metadata": {"dbt_schema_version": "https://schemas.getdbt.com/dbt/manifest/v12.json"}, '
                     '"nodes": {"a": {"unrendered_config": {"k": %s}}}}' % deep)

@@ -1,22 +1,19 @@
-"""Configuration: project vars + environment variables + dbt's own flags -> one frozen object.
+"""Configuration: the one frozen object a deferred run works from (``DeferConfig``, one
+``EnvironmentSpec`` per environment of the chain), and the small rules every room shares.
 
-This module is the bottom of the package: it imports nothing of ours and nothing of dbt,
-so it can be unit-tested with plain dicts. It also holds the package's one error-to-line
-helper (``one_line``) and reads a node's ``meta: dbt_defer`` settings (``node_meta``).
-
-Sources, later wins (SPEC §3):
-1. ``vars: dbt_defer: {...}`` in dbt_project.yml (and ``--vars``);
-2. environment variables ``DBT_DEFER_<NAME>_STATE``, ``DBT_DEFER_DEV_RELATIONS``;
-3. dbt's ``--defer-state`` / ``--state`` as the single environment ``prod`` when nothing
-   above configures one.
+This module is the bottom of the package: it imports nothing of ours and nothing of dbt.
+Reading the settings (vars, ``DBT_DEFER_*`` variables, dbt's flags) into this object is
+``settings``. Also here, because every room needs them: the one error-to-line helper
+(``one_line``), secrets in state URIs (``uri_secrets``, ``redact``), a node's
+``meta: dbt_defer`` (``node_meta``), the row-limit range and ``DBT_DEFER_MAX_STATE_MB``.
+May not touch: files, the environment, the warehouse, dbt.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from urllib.parse import unquote
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 DEV = "dev"
@@ -26,19 +23,7 @@ MAX_LIMIT = 2**31 - 1  # rows: what every warehouse's LIMIT accepts (and the aud
 DEFAULT_MAX_STATE_MB = 512  # SPEC §7
 MAX_STATE_MB_VAR = "DBT_DEFER_MAX_STATE_MB"
 _MAX_STATE_MB_CEILING = 1024 * 1024  # 1 TiB: beyond any manifest; keeps the number a sane int
-_ENV_STATE = re.compile(r"^DBT_DEFER_(?P<name>[A-Za-z0-9_]+?)_STATE$")
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
-_KNOWN_KEYS = {
-    "environments",
-    "dev_relations",
-    "limits",
-    "limit_tests",
-    "never_defer",
-    "max_age_hours",
-    "audit_table",
-}
-_ENVIRONMENT_KEYS = ("name", "state", "target")  # the keys of one vars: dbt_defer: environments item
 
 
 class DeferConfigError(ValueError):
@@ -208,187 +193,6 @@ def truthy(value: Optional[str]) -> bool:
     return value is not None and value.strip().lower() in _TRUE
 
 
-def _where(key: str) -> str:
-    return f"vars: dbt_defer: {key} (dbt_project.yml or --vars)"
-
-
-def _resolve_state(raw: str, project_root: str) -> str:
-    raw = raw.strip()
-    if is_uri(raw):
-        return raw
-    path = os.path.expanduser(raw)
-    if not os.path.isabs(path):
-        path = os.path.join(project_root, path)
-    return os.path.normpath(path)
-
-
-def _check_name(name: Any, where: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name.lower()):
-        raise DeferConfigError(
-            f"dbt-defer: environment name {name!r} in {where} is not valid; "
-            "use a lower-case word such as 'staging' or 'prod'"
-        )
-    name = name.lower()
-    if name == DEV:
-        raise DeferConfigError(
-            f"dbt-defer: environment name 'dev' in {where} is reserved for the current target; "
-            "rename that environment"
-        )
-    return name
-
-
-def _environments_from_vars(raw: Any, project_root: str) -> list:
-    if raw is None:
-        return []
-    where = _where("environments")
-    if not isinstance(raw, (list, tuple)):
-        raise DeferConfigError(
-            f"dbt-defer: {where} must be a list of {{name, state}} mappings, got {type(raw).__name__}"
-        )
-    envs = []
-    seen = set()
-    for i, item in enumerate(raw):
-        if not isinstance(item, Mapping):
-            raise DeferConfigError(
-                f"dbt-defer: item {i} of {where} must be a mapping with 'name' and 'state', got {item!r}"
-            )
-        # a typo'd key (sate:) would otherwise drop the environment silently
-        unknown = sorted(repr(k) for k in item if not (isinstance(k, str) and k in _ENVIRONMENT_KEYS))
-        if unknown:
-            raise DeferConfigError(
-                f"dbt-defer: unknown key(s) {', '.join(unknown)} in item {i} ({_item_name(item)}) "
-                f"of {where}; accepted keys are {', '.join(_ENVIRONMENT_KEYS)}"
-            )
-        if "name" not in item:
-            raise DeferConfigError(
-                f"dbt-defer: item {i} of {where} must be a mapping with 'name' and 'state', got {item!r}"
-            )
-        name = _check_name(item["name"], where)
-        target = item.get("target")
-        if target is not None and not isinstance(target, str):  # empty: the default (its name)
-            raise DeferConfigError(
-                f"dbt-defer: target of environment {name!r} in {where} must be the name of the dbt "
-                f"target that builds it (e.g. target: production), got {target!r}"
-            )
-        if name in seen:
-            raise DeferConfigError(f"dbt-defer: environment {name!r} is listed twice in {where}; keep one")
-        seen.add(name)
-        state = item.get("state")
-        if state is not None and not isinstance(state, str):
-            raise DeferConfigError(
-                f"dbt-defer: state of environment {name!r} in {where} must be a path or URI string, got {state!r}"
-            )
-        envs.append([name, state or "", "vars", (target or "").strip()])
-    return envs
-
-
-def _item_name(item: Mapping[str, Any]) -> str:
-    name = item.get("name")
-    return f"name {name!r}" if isinstance(name, str) else "no usable name"
-
-
-def _looks_like_state_var(key: str) -> bool:
-    """DBT_DEFER_<something>_STATE in any spelling (dbt's own DBT_DEFER_STATE excluded)."""
-    upper = key.upper()
-    return upper.startswith("DBT_DEFER_") and upper.endswith("_STATE") and len(upper) > len("DBT_DEFER__STATE")
-
-
-def _env_var_states(environ: Mapping[str, str]) -> dict:
-    found = {}
-    for key, value in sorted(environ.items()):
-        m = _ENV_STATE.match(key)
-        if not m and _looks_like_state_var(key):
-            # an environment the user meant to add must not vanish silently (PRÖD, PROD-EU, ...)
-            raise DeferConfigError(
-                f"dbt-defer: environment variable {key!r} is not a valid DBT_DEFER_<NAME>_STATE: "
-                "environment names are lower-case [a-z][a-z0-9_]* (in the variable: upper-case "
-                "letters, digits, underscores), e.g. DBT_DEFER_PROD_EU_STATE; rename or unset it"
-            )
-        if m:
-            name = _check_name(m.group("name").lower(), f"environment variable {key}")
-            if name in found and found[name][1] != value:
-                raise DeferConfigError(
-                    f"dbt-defer: environment variables {found[name][0]} and {key} both set the state of "
-                    f"environment {name!r}, to different values; keep one"
-                )
-            found[name] = (key, value)
-    return found
-
-
-WELL_KNOWN_NAMES = ("prod", "production", "staging", "stage", "qa", "uat", "preprod", "ci", "test")
-
-
-def _distance(a: str, b: str) -> int:
-    """Edit distance (insert, delete, substitute, swap two neighbours), small strings only."""
-    previous2: list = []
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        row = [i]
-        for j, cb in enumerate(b, 1):
-            cost = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (ca != cb))
-            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
-                cost = min(cost, previous2[j - 2] + 1)
-            row.append(cost)
-        previous2, previous = previous, row
-    return previous[-1]
-
-
-def _unknown_name_notice(name: str, key: str, configured: list, others: list) -> Optional[str]:
-    """A warning for a DBT_DEFER_<NAME>_STATE that adds an environment the vars do not list
-    (always when vars list environments), or whose name is a near-miss of a configured or
-    well-known one (``others``: the names other DBT_DEFER_<NAME>_STATE variables set)."""
-    if not configured and name in WELL_KNOWN_NAMES:
-        return None
-    known = sorted(set(configured) | set(others) | set(WELL_KNOWN_NAMES))
-    near = min(known, key=lambda k: (_distance(name, k), k))
-    close = _distance(name, near) <= (1 if len(name) <= 3 else 2)
-    guess = f"; did you mean DBT_DEFER_{near.upper()}_STATE?" if close else "."
-    if configured:
-        return (
-            f"dbt-defer: {key} adds environment {name!r}, which vars: dbt_defer: environments does not "
-            f"list ({', '.join(configured)}){guess} If it is meant, list it in environments to fix "
-            "its place in the chain; otherwise unset it"
-        )
-    if close:
-        return (
-            f"dbt-defer: {key} adds environment {name!r}{guess} Unset it and set that variable if "
-            "it is a typo"
-        )
-    return None
-
-
-def _dev_policy(settings: Mapping[str, Any], environ: Mapping[str, str], favor_state: bool) -> Tuple[str, str]:
-    if favor_state:
-        return "never", "--favor-state"
-    value, source = settings.get("dev_relations"), _where("dev_relations")
-    env_value = environ.get("DBT_DEFER_DEV_RELATIONS")
-    if env_value:
-        value, source = env_value, "DBT_DEFER_DEV_RELATIONS"
-    if value is None:
-        return "always", "default"
-    if not isinstance(value, str) or value.strip().lower() not in DEV_POLICIES:
-        raise DeferConfigError(
-            f"dbt-defer: {source} is {value!r}; use one of: {', '.join(DEV_POLICIES)}"
-        )
-    return value.strip().lower(), source
-
-
-def _limits(raw: Any) -> Tuple[Tuple[str, Optional[int]], ...]:
-    if raw is None:
-        return ()
-    where = _where("limits")
-    if not isinstance(raw, Mapping):
-        raise DeferConfigError(f"dbt-defer: {where} must map target names to row counts, e.g. {{dev: 1000}}")
-    out = []
-    for target, value in raw.items():
-        if not valid_limit(value):
-            raise DeferConfigError(
-                f"dbt-defer: {where} for target {target!r} is {value!r}; {LIMIT_RANGE}"
-            )
-        out.append((str(target), value))
-    return tuple(out)
-
-
 LIMIT_RANGE = f"use a whole number from 0 to {MAX_LIMIT}, or null for no limit"
 
 
@@ -421,133 +225,3 @@ def max_state_bytes(environ: Mapping[str, str]) -> int:
             f"{_MAX_STATE_MB_CEILING} (default {DEFAULT_MAX_STATE_MB}), or unset it"
         )
     return int(text) * 1024 * 1024
-
-
-def _bool(settings: Mapping[str, Any], key: str) -> bool:
-    value = settings.get(key, False)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | {"0", "false", "f", "no", "n", "off"}:
-        return value.strip().lower() in _TRUE
-    if not isinstance(value, bool):
-        raise DeferConfigError(f"dbt-defer: {_where(key)} is {value!r}; use true or false")
-    return value
-
-
-def _never_defer(raw: Any) -> Tuple[str, ...]:
-    if raw is None:
-        return ()
-    if isinstance(raw, str):
-        raw = [raw]
-    if not isinstance(raw, (list, tuple)) or not all(isinstance(s, str) and s.strip() for s in raw):
-        raise DeferConfigError(
-            f"dbt-defer: {_where('never_defer')} must be a list of dbt selectors, e.g. [\"tag:pii\"]"
-        )
-    return tuple(s.strip() for s in raw)
-
-
-def _max_age(raw: Any) -> float:
-    if raw is None:
-        return DEFAULT_MAX_AGE_HOURS
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not raw > 0:  # NaN is not > 0
-        raise DeferConfigError(f"dbt-defer: {_where('max_age_hours')} is {raw!r}; use a positive number of hours")
-    try:
-        return float(raw)
-    except OverflowError:  # an int too large for a float: never stale
-        return float("inf")
-
-
-COMPILE_AS = ("compile", "build")
-
-
-def _compile_as(environ: Mapping[str, str]) -> str:
-    value = (environ.get("DBT_DEFER_COMPILE_AS") or "compile").strip().lower()
-    if value not in COMPILE_AS:
-        raise DeferConfigError(
-            f"dbt-defer: DBT_DEFER_COMPILE_AS is {value!r}; use 'compile' (default) or 'build'"
-        )
-    return value
-
-
-def overlay_settings(project_vars: Any, cli_vars: Any) -> Optional[Mapping[str, Any]]:
-    """``vars: dbt_defer`` from dbt_project.yml, overlaid key by key by ``--vars '{dbt_defer: ...}'``."""
-    project = project_vars if isinstance(project_vars, Mapping) else {}
-    cli = cli_vars if isinstance(cli_vars, Mapping) else {}
-    base, override = project.get("dbt_defer"), cli.get("dbt_defer")
-    if override is None:
-        return base
-    if not isinstance(base, Mapping) or not isinstance(override, Mapping):
-        return override
-    return {**base, **override}
-
-
-def load_config(
-    settings: Optional[Mapping[str, Any]],
-    environ: Mapping[str, str],
-    project_root: str,
-    *,
-    defer_state: Optional[str] = None,
-    state: Optional[str] = None,
-    favor_state: bool = False,
-) -> DeferConfig:
-    """Build the one frozen configuration object. Raises DeferConfigError on bad input."""
-    if settings is None:
-        settings = {}
-    if not isinstance(settings, Mapping):
-        raise DeferConfigError(
-            "dbt-defer: vars: dbt_defer must be a mapping (environments, limits, ...); "
-            f"got {type(settings).__name__}"
-        )
-    unknown = sorted(set(map(str, settings)) - _KNOWN_KEYS)
-    if unknown:
-        raise DeferConfigError(
-            f"dbt-defer: unknown key(s) {', '.join(map(repr, unknown))} in vars: dbt_defer; "
-            f"known keys are {', '.join(sorted(_KNOWN_KEYS))}"
-        )
-
-    envs = _environments_from_vars(settings.get("environments"), project_root)
-    by_name = {e[0]: e for e in envs}
-    extra = []
-    notices = []
-    from_env = _env_var_states(environ)
-    for name, (key, value) in sorted(from_env.items()):
-        if name in by_name:
-            by_name[name][1], by_name[name][2] = value, key
-        else:
-            extra.append([name, value, key, ""])
-            notice = _unknown_name_notice(name, key, list(by_name), [n for n in from_env if n != name])
-            if notice:
-                notices.append(notice)
-    # New names go in front of 'prod' (or at the end when there is no prod); 'prod' itself last.
-    extra.sort(key=lambda e: (e[0] == "prod", e[0]))
-    prod_at = next((i for i, e in enumerate(envs) if e[0] == "prod"), len(envs))
-    envs[prod_at:prod_at] = extra
-
-    specs = []
-    skipped = []
-    for name, raw_state, source, target in envs:
-        if not raw_state or not raw_state.strip():
-            skipped.append((name, source))  # configured but empty: skipped (SPEC §3)
-            continue
-        specs.append(EnvironmentSpec(name, _resolve_state(raw_state, project_root), source, target))
-
-    if not specs:
-        fallback = defer_state or state
-        if fallback:
-            source = "--defer-state/DBT_DEFER_STATE" if defer_state else "--state/DBT_STATE"
-            specs.append(EnvironmentSpec("prod", _resolve_state(str(fallback), project_root), source))
-
-    policy, policy_source = _dev_policy(settings, environ, favor_state)
-    return DeferConfig(
-        environments=tuple(specs),
-        dev_relations=policy,
-        dev_relations_source=policy_source,
-        limits=_limits(settings.get("limits")),
-        limit_tests=_bool(settings, "limit_tests"),
-        never_defer=_never_defer(settings.get("never_defer")),
-        max_age_hours=_max_age(settings.get("max_age_hours")),
-        audit_table=_bool(settings, "audit_table"),
-        compile_as=_compile_as(environ),
-        explain=truthy(environ.get("DBT_DEFER_EXPLAIN")),
-        max_state_bytes=max_state_bytes(environ),
-        skipped=tuple(skipped),
-        notices=tuple(notices),
-    )

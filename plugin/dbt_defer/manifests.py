@@ -312,9 +312,12 @@ def load_manifest(env_name: str, path: str, *, is_compatible=None, max_bytes: Op
 
 
 def _version_error(env_name: str, path: str, schema_version: Any, dbt_version: Any) -> ManifestError:
+    def plain(value: Any, default: str) -> str:  # the file's own text: one line, bounded
+        return " ".join(str(value).split())[:80] or default if value else default
+
     return ManifestError(
-        f"dbt-defer: environment '{env_name}': {path} has schema {schema_version or '(none)'} "
-        f"(written by dbt {dbt_version or 'unknown'}), which this dbt cannot read; "
+        f"dbt-defer: environment '{env_name}': {path} has schema {plain(schema_version, '(none)')} "
+        f"(written by dbt {plain(dbt_version, 'unknown')}), which this dbt cannot read; "
         "regenerate it with this dbt version (dbt parse, or a run in that environment)"
     )
 

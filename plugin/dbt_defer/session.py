@@ -22,14 +22,8 @@ from dbt_common.events.types import Note
 from dbt_common.exceptions import CompilationError, DbtRuntimeError
 
 from dbt_defer import audit, audit_table, chain, guard, limits
-from dbt_defer.config import (
-    DEV,
-    DeferConfig,
-    DeferConfigError,
-    load_config,
-    one_line,
-    overlay_settings,
-)
+from dbt_defer.config import DEV, DeferConfig, DeferConfigError, one_line
+from dbt_defer.settings import load_config, overlay_settings
 from dbt_defer.chain import Environment, Location, render
 from dbt_defer.resolution import (
     DEFERRED,

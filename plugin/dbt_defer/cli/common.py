@@ -22,7 +22,8 @@ import shutil
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from dbt_defer.config import DeferConfig, DeferConfigError, EnvironmentSpec, load_config, overlay_settings, truthy
+from dbt_defer.config import DeferConfig, DeferConfigError, EnvironmentSpec, truthy
+from dbt_defer.settings import load_config, overlay_settings
 
 AUDIT_FILE = "dbt_defer_audit.json"
 

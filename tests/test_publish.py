@@ -23,6 +23,7 @@ import pytest
 
 from dbt_defer import publish as pub
 from dbt_defer import remote
+from dbt_defer.pointer import published_version
 from dbt_defer.config import EnvironmentSpec
 from dbt_defer.manifests import ManifestError
 
@@ -186,7 +187,7 @@ def test_publish_layout_pointer_and_fetch(store, tmp_path):
     fetched = remote.fetch(spec(store), target)
     assert fetched.action == "downloaded"
     assert fetched.uri == f"{store}/{version}/manifest.json"
-    assert remote.published_version(fetched.uri)["invocation_id"] == first
+    assert published_version(fetched.uri)["invocation_id"] == first
     assert cached_pair(fetched.local) == (first, first)
     assert remote.fetch(spec(store), target).action == "unchanged"
 
@@ -194,7 +195,7 @@ def test_publish_layout_pointer_and_fetch(store, tmp_path):
     publish_folder(store, tmp_path / "run2", env="prod")
     assert json.loads(read(f"{store}/latest.json"))["previous"] == result.version
     again = remote.fetch(spec(store), target)
-    assert again.action == "downloaded" and remote.published_version(again.uri)["invocation_id"] == second
+    assert again.action == "downloaded" and published_version(again.uri)["invocation_id"] == second
     assert cached_pair(again.local) == (second, second)
     assert remote.fetch(spec(store), target).action == "unchanged"
     # the pointer file itself works as a state too
@@ -208,7 +209,7 @@ def test_the_pointer_wins_over_loose_files_and_no_pointer_keeps_todays_behaviour
     for name in ("manifest.json", "run_results.json"):
         fs.put_file(str(tmp_path / "hand-copied" / name), f"{root}/{name}")
     plain = remote.fetch(spec(store), str(tmp_path / "t1"))
-    assert remote.published_version(plain.uri) is None and plain.uri == f"{store}/manifest.json"
+    assert published_version(plain.uri) is None and plain.uri == f"{store}/manifest.json"
     assert cached_pair(plain.local) == (old, old)
 
     new = write_artifacts(tmp_path / "run")
@@ -237,7 +238,7 @@ def test_unreachable_store_falls_back_to_the_copy_fetched_through_the_pointer(tm
         os.environ["AWS_ENDPOINT_URL"] = s3_server["AWS_ENDPOINT_URL"]
         s3fs.S3FileSystem.clear_instance_cache()
     assert result.action == "cached (unreachable)"
-    assert remote.published_version(result.uri)["invocation_id"] == first
+    assert published_version(result.uri)["invocation_id"] == first
     assert cached_pair(result.local) == (first, first)
     assert len(warnings) == 1 and "using the cached copy" in warnings[0]
     text = str(err.value)
@@ -376,7 +377,7 @@ def test_a_reader_fetching_while_a_publisher_writes_always_sees_one_runs_pair(st
         result = remote.fetch(spec(store), target)
         manifest_id, results_id = cached_pair(result.local)
         assert manifest_id == results_id, f"a mixed pair after {fetches} fetches"
-        assert remote.published_version(result.uri)["invocation_id"] == manifest_id
+        assert published_version(result.uri)["invocation_id"] == manifest_id
         seen.add(manifest_id)
         fetches += 1
     _, err = publisher.communicate(timeout=60)
@@ -394,7 +395,7 @@ from dbt_defer import publish as pub
 def killed(*args, **kwargs):  # the process dies after the upload, before the pointer moves
     os.kill(os.getpid(), signal.SIGKILL)
 
-pub._write_pointer = killed
+pub.write_pointer = killed
 pub.publish(sys.argv[1], pub.check_artifacts(sys.argv[2], "shop"))
 """
 

@@ -17,7 +17,7 @@ from typing import List, Tuple
 
 import pytest
 
-from dbt_defer import chain, remote
+from dbt_defer import chain, remote, state_cache, store
 from dbt_defer.config import EnvironmentSpec
 from dbt_defer.manifests import ManifestError
 
@@ -106,10 +106,10 @@ def spec(state: str, name: str = "prod") -> EnvironmentSpec:
 
 
 def test_manifest_uri_folder_or_file():
-    assert remote.manifest_uri("s3://b/dbt/prod") == "s3://b/dbt/prod/manifest.json"
-    assert remote.manifest_uri("s3://b/dbt/prod/") == "s3://b/dbt/prod/manifest.json"
-    assert remote.manifest_uri("https://h/p/manifest.json") == "https://h/p/manifest.json"
-    assert remote.manifest_uri("gs://b/prod-manifest.json") == "gs://b/prod-manifest.json"
+    assert store.manifest_uri("s3://b/dbt/prod") == "s3://b/dbt/prod/manifest.json"
+    assert store.manifest_uri("s3://b/dbt/prod/") == "s3://b/dbt/prod/manifest.json"
+    assert store.manifest_uri("https://h/p/manifest.json") == "https://h/p/manifest.json"
+    assert store.manifest_uri("gs://b/prod-manifest.json") == "gs://b/prod-manifest.json"
 
 
 def test_http_fetch_then_reuse_then_refetch_when_changed(served, tmp_path):
@@ -121,7 +121,7 @@ def test_http_fetch_then_reuse_then_refetch_when_changed(served, tmp_path):
     assert first.action == "downloaded"
     # each fetched version has its own folder in the environment's cache; fetch.json names it
     assert Path(first.local).parent == target / "dbt_defer_state" / "prod"
-    assert first.local == remote.cached_folder(str(target), "prod")
+    assert first.local == state_cache.cached_folder(str(target), "prod")
     assert (Path(first.local) / "manifest.json").read_text() == (root / "prod" / "manifest.json").read_text()
     assert (Path(first.local) / "run_results.json").exists()
     assert first.run_results
@@ -180,7 +180,7 @@ def test_unreachable_falls_back_to_the_cache_with_its_age(served, tmp_path):
     warnings: List[str] = []
     result = remote.fetch(env, target, warn=warnings.append)
     assert result.action == "cached (unreachable)"
-    assert result.local == remote.cached_folder(target, "prod")
+    assert result.local == state_cache.cached_folder(target, "prod")
     assert os.path.dirname(result.local) == os.path.join(target, "dbt_defer_state", "prod")
     assert len(warnings) == 1
     line = warnings[0]
@@ -222,7 +222,7 @@ def test_not_a_manifest_is_refused_and_the_cache_kept(served, tmp_path):
         remote.fetch(env, str(target))
     assert f"{server.url}/prod/manifest.json is not valid JSON" in str(err.value)
     assert ".incoming" not in str(err.value)
-    assert remote.cached_folder(str(target), "prod") == good_folder
+    assert state_cache.cached_folder(str(target), "prod") == good_folder
     assert (Path(good_folder) / "manifest.json").read_text() == good
     assert not [p for p in (target / "dbt_defer_state" / "prod").iterdir() if p.name.startswith(".incoming")]
 

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from dbt_defer import chain, remote
+from dbt_defer import chain, remote, state_cache, store
 from dbt_defer.config import EnvironmentSpec, redact, uri_secrets
 from dbt_defer.manifests import ManifestError
 from test_publish import cached_pair, write_artifacts
@@ -87,8 +87,8 @@ def test_secrets_of_a_state_uri_are_never_shown(state, secrets):
     env = spec(state)
     messages = [
         state,
-        f"dbt-defer: environment 'prod': cannot fetch {remote.manifest_uri(state)} (ClientResponseError: 403, "
-        f"message='Forbidden', url='{remote.manifest_uri(state)}')",
+        f"dbt-defer: environment 'prod': cannot fetch {store.manifest_uri(state)} (ClientResponseError: 403, "
+        f"message='Forbidden', url='{store.manifest_uri(state)}')",
         f"Invalid bucket name \"{state.split('://', 1)[1].split('/')[0]}\"",  # s3fs quotes the 'bucket' alone
         json.dumps({"state": state}),
     ]
@@ -237,7 +237,7 @@ def test_a_gzip_bomb_stops_at_the_size_limit(tmp_path, clean_env, bomb_file):
     # nothing of it stays in the cache: no version, no scratch folder, nothing near the limit
     files = [p for p in target.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 1024 * 1024, files
-    assert remote.cached_folder(str(target), "prod") is None
+    assert state_cache.cached_folder(str(target), "prod") is None
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "abc", "1.5", "nan"])
@@ -343,10 +343,10 @@ def test_a_300_character_environment_name_has_a_bounded_cache_folder(tmp_path, c
     target = str(tmp_path / "target")
     result = remote.fetch(spec(f"file://{tmp_path / 'prod'}", name=name), target)
     assert result.action == "downloaded"
-    folder = Path(remote.cache_dir(target, name))
-    assert len(folder.name) <= remote.NAME_MAX and folder.name.startswith("e" * 40)
-    assert remote.cached_folder(target, name) == result.local
-    assert remote.cache_dir(target, name) != remote.cache_dir(target, "e" * 299)
+    folder = Path(state_cache.cache_dir(target, name))
+    assert len(folder.name) <= state_cache.NAME_MAX and folder.name.startswith("e" * 40)
+    assert state_cache.cached_folder(target, name) == result.local
+    assert state_cache.cache_dir(target, name) != state_cache.cache_dir(target, "e" * 299)
     assert remote.fetch(spec(f"file://{tmp_path / 'prod'}", name=name), target).action == "unchanged"
 
 
@@ -400,7 +400,7 @@ def test_a_fetch_killed_between_renames_leaves_one_consistent_pair(tmp_path, cle
     shutil.move(str(tmp_path / "away"), str(published))
     result = remote.fetch(spec(uri), target)
     assert cached_pair(result.local) == (v2, v2)
-    root = Path(remote.cache_dir(target, "prod"))
+    root = Path(state_cache.cache_dir(target, "prod"))
     leftovers = [p.name for p in root.iterdir() if p.name.startswith((".incoming", ".fetch"))]
     assert leftovers == []
     versions = [p.name for p in root.iterdir() if p.name.startswith("v-")]
@@ -451,7 +451,7 @@ def test_a_bad_remote_never_replaces_the_good_cached_copy(tmp_path, clean_env, p
             chain.load_environment(env, target, "shop")
         text = one_line(str(err.value))
         assert "the cached copy was kept" in text
-        assert (Path(remote.cached_folder(target, "prod")) / "manifest.json").read_text() == good_text
+        assert (Path(state_cache.cached_folder(target, "prod")) / "manifest.json").read_text() == good_text
     finally:
         server.stop()
     # the remote goes down: the good copy still serves, with its age stated

@@ -16,24 +16,22 @@ pointer moves leaves an unreferenced folder that readers never see and a later p
 Before anything is written the artifacts are checked: a manifest this dbt can read, of this
 project, and run results of the same dbt invocation (``metadata.invocation_id``).
 
-Imports remote (the filesystem and the reader's names) and manifests; nothing imports it but
-the CLI.
+Owns checking the artifacts and the order of the writes. The layout of the published folder
+(pointer, version names, pruning) is ``pointer``; reaching the store is ``store``. Imports
+``config``, ``manifests``, ``pointer`` and ``store``; nothing imports it but the CLI.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
 
-from dbt_defer import remote
+from dbt_defer.config import redact
 from dbt_defer.manifests import (
     BAD_STATUSES,
     MANIFEST,
@@ -43,12 +41,20 @@ from dbt_defer.manifests import (
     load_manifest,
     project_id_for,
 )
+from dbt_defer.pointer import (
+    POINTER,
+    PUBLISHED_VERSIONS,
+    current_pointer,
+    exists,
+    is_object_store,
+    prune,
+    version_name,
+    write_pointer,
+)
+from dbt_defer.store import filesystem, reason
 
 DEFAULT_KEEP = 10
 POINTER_FORMAT = 1
-# object stores: one PUT replaces an object at once, and there are no folders to make (making
-# one there may create a bucket); anything else gets folders made and write-then-rename
-_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "gcsfs", "az", "abfs", "abfss", "adl", "oss", "memory"}
 
 
 class PublishError(RuntimeError):
@@ -167,11 +173,6 @@ class Published:
     already: bool = False  # the pointer named this invocation already: nothing uploaded
 
 
-def version_name(when: datetime, invocation_id: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", invocation_id)[:100] or "unknown"
-    return f"{when.astimezone(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{safe}"
-
-
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -180,28 +181,9 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _protocols(fs: Any) -> set:
-    protocol = fs.protocol
-    return {protocol} if isinstance(protocol, str) else set(protocol)
-
-
-def _reason(exc: BaseException) -> str:
-    return remote._reason(exc)
-
-
 def shown(uri: str) -> str:
     """A URI as it may be printed: no user, password or query string (they may hold secrets)."""
-    redact = getattr(remote, "redact", None)
-    if callable(redact):
-        return redact(uri)
-    text = uri.split("?", 1)[0].split("#", 1)[0]
-    scheme, sep, rest = text.partition("://")
-    if sep:
-        host, slash, tail = rest.partition("/")
-        if "@" in host:
-            host = "***@" + host.rsplit("@", 1)[1]
-        text = f"{scheme}://{host}{slash}{tail}"
-    return text + ("?***" if "?" in uri else "")
+    return redact(uri)
 
 
 def _open_store(uri: str) -> Tuple[Any, str, str]:
@@ -218,76 +200,10 @@ def _open_store(uri: str) -> Tuple[Any, str, str]:
             "set as the state (e.g. s3://bucket/dbt/prod)"
         )
     try:
-        fs, path = remote._filesystem("publish", root_uri + "/" + remote.POINTER)
+        fs, path = filesystem("publish", root_uri + "/" + POINTER)
     except ManifestError as exc:
         raise PublishError(str(exc).replace("environment 'publish': cannot read", "cannot publish to")) from None
     return fs, path.rsplit("/", 1)[0], root_uri
-
-
-def read_pointer(fs: Any, root: str) -> Optional[Dict[str, Any]]:
-    """The current pointer; None when there is none or it is not one (this publish replaces it)."""
-    try:
-        return remote.read_pointer(fs, root)
-    except ValueError:
-        return None
-
-
-def _exists(fs: Any, path: str) -> bool:
-    try:
-        fs.invalidate_cache(path)
-    except Exception:
-        pass
-    try:
-        return bool(fs.exists(path))
-    except Exception:
-        return False
-
-
-def _write_pointer(fs: Any, root: str, document: Dict[str, Any]) -> None:
-    data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    target = f"{root}/{remote.POINTER}"
-    if _protocols(fs) & _OBJECT_STORES:
-        fs.pipe_file(target, data)
-        return
-    scratch = f"{root}/.{remote.POINTER}.{uuid.uuid4().hex}.tmp"
-    fs.pipe_file(scratch, data)
-    try:
-        fs.mv(scratch, target)  # a rename on local and most mounted stores: readers see old or new
-    except Exception:
-        try:
-            fs.rm(scratch)
-        except Exception:
-            pass
-        raise
-
-
-def _versions(fs: Any, root: str) -> List[str]:
-    folder = f"{root}/{remote.PUBLISHED_VERSIONS}"
-    try:
-        fs.invalidate_cache(folder)
-    except Exception:
-        pass
-    try:
-        entries = fs.ls(folder, detail=False)
-    except FileNotFoundError:
-        return []
-    names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
-    return sorted(n for n in names if remote.VERSION_NAME.match(n))
-
-
-def prune(fs: Any, root: str, keep: int, current: Optional[str]) -> Tuple[List[str], List[str]]:
-    """Remove version folders but the newest ``keep`` and the pointer's own: (kept, removed)."""
-    names = _versions(fs, root)
-    kept = set(names[-keep:]) if keep > 0 else set()
-    if current:
-        kept.add(current)
-    removed = []
-    for name in names:
-        if name in kept:
-            continue
-        fs.rm(f"{root}/{remote.PUBLISHED_VERSIONS}/{name}", recursive=True)
-        removed.append(name)
-    return sorted(kept), removed
 
 
 def publish(
@@ -304,33 +220,33 @@ def publish(
     fs, root, root_uri = _open_store(uri)
     where = shown(root_uri)
     try:
-        previous = read_pointer(fs, root)
+        previous = current_pointer(fs, root)
     except Exception as exc:
         raise PublishError(
-            f"dbt-defer: nothing published: cannot read {where}/{remote.POINTER} ({_reason(exc)}); check "
+            f"dbt-defer: nothing published: cannot read {where}/{POINTER} ({reason(exc)}); check "
             "the URI, the network and credentials"
         ) from None
     manifest = artifacts.manifest
     if (
         previous
         and previous.get("invocation_id") == artifacts.invocation_id
-        and _exists(fs, f"{root}/{previous['path']}/{MANIFEST}")
+        and exists(fs, f"{root}/{previous['path']}/{MANIFEST}")
     ):
         name = str(previous.get("version") or previous["path"].rsplit("/", 1)[-1])
         try:
             kept, removed = prune(fs, root, keep, name)
             problem = None
         except Exception as exc:
-            kept, removed, problem = [], [], _reason(exc)
+            kept, removed, problem = [], [], reason(exc)
         return Published(uri, name, f"{root_uri}/{previous['path']}", previous, kept, removed, problem, True)
 
     when = now or datetime.now(timezone.utc)
     name = version_name(when, artifacts.invocation_id)
-    rel = f"{remote.PUBLISHED_VERSIONS}/{name}"
+    rel = f"{PUBLISHED_VERSIONS}/{name}"
     folder = f"{root}/{rel}"
     files = {}
     try:
-        if not _protocols(fs) & _OBJECT_STORES:
+        if not is_object_store(fs):
             fs.makedirs(folder, exist_ok=True)
         for filename, local in ((MANIFEST, artifacts.manifest_path), (RUN_RESULTS, artifacts.run_results_path)):
             fs.put_file(local, f"{folder}/{filename}")
@@ -350,7 +266,7 @@ def publish(
         ) from None
     except Exception as exc:
         raise PublishError(
-            f"dbt-defer: nothing published: cannot upload to {where}/{rel} ({_reason(exc)}); check the URI "
+            f"dbt-defer: nothing published: cannot upload to {where}/{rel} ({reason(exc)}); check the URI "
             "and write credentials (readers still see the previous version)"
         ) from None
 
@@ -372,15 +288,15 @@ def publish(
         "files": files,
     }
     try:
-        _write_pointer(fs, root, pointer)
+        write_pointer(fs, root, pointer)
     except Exception as exc:
         raise PublishError(
-            f"dbt-defer: not published: uploaded {where}/{rel} but cannot write {where}/{remote.POINTER} "
-            f"({_reason(exc)}); readers still see the previous version; check write credentials and publish again"
+            f"dbt-defer: not published: uploaded {where}/{rel} but cannot write {where}/{POINTER} "
+            f"({reason(exc)}); readers still see the previous version; check write credentials and publish again"
         ) from None
     try:
         kept, removed = prune(fs, root, keep, name)
         problem = None
     except Exception as exc:
-        kept, removed, problem = [], [], _reason(exc)
+        kept, removed, problem = [], [], reason(exc)
     return Published(uri, name, f"{root_uri}/{rel}", pointer, kept, removed, problem)

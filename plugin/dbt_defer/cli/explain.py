@@ -99,14 +99,14 @@ def _one_line(text: str) -> str:
 
 def _seed_scratch(ctx: ProjectContext, scratch: str) -> None:
     """Copy (never move) what speeds the compile up: dbt's partial-parse file, fetched state."""
-    from dbt_defer import remote
+    from dbt_defer import state_cache
 
     parse_file = os.path.join(ctx.target_path, "partial_parse.msgpack")
     if os.path.isfile(parse_file):
         shutil.copy2(parse_file, os.path.join(scratch, "partial_parse.msgpack"))
-    cache = os.path.join(ctx.target_path, remote.CACHE_DIR)
+    cache = os.path.join(ctx.target_path, state_cache.CACHE_DIR)
     if os.path.isdir(cache):
-        shutil.copytree(cache, os.path.join(scratch, remote.CACHE_DIR))
+        shutil.copytree(cache, os.path.join(scratch, state_cache.CACHE_DIR))
 
 
 def _compile_argv(ctx: ProjectContext, args: argparse.Namespace, scratch: str) -> List[str]:

@@ -53,7 +53,7 @@ def register(sub: Any) -> None:
 
 def _fetch_one(ctx: ProjectContext, spec: EnvironmentSpec, force: bool, row: Dict[str, Any]) -> None:
     """Fetch (a URI) and load one environment into ``row``; CliError with the clear line."""
-    from dbt_defer import remote
+    from dbt_defer import pointer, remote
     from dbt_defer.manifests import ManifestError
 
     if spec.is_uri:
@@ -62,7 +62,7 @@ def _fetch_one(ctx: ProjectContext, spec: EnvironmentSpec, force: bool, row: Dic
         except ManifestError as exc:
             raise CliError(spec.redact(str(exc))) from None
         row.update(action=result.action, local=result.local, fetched_at=result.fetched_at,
-                   run_results=result.run_results, published=remote.published_version(result.uri))
+                   run_results=result.run_results, published=pointer.published_version(result.uri))
     else:
         row.update(action="local (nothing to fetch)", local=spec.state)
     manifest, _ = load_env(ctx, spec, local=row["local"])

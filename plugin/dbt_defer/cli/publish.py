@@ -1,7 +1,7 @@
 """``dbt-defer publish URI``: after a production/staging run, publish its artifacts as a new version.
 
 Owns: the command's options, checks of its arguments and its output. May not touch: the
-store layout, the upload and the pruning (``dbt_defer.publish``), the pointer (``remote``).
+store layout, the upload and the pruning (``dbt_defer.publish``), the published folder's layout (``pointer``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ _ENV_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from dbt_defer import publish as pub
-    from dbt_defer import remote
+    from dbt_defer import pointer
 
     if args.keep < 1:
         raise CliError(f"dbt-defer: --keep {args.keep}: keep at least 1 version (default {pub.DEFAULT_KEEP})", 2)
@@ -84,7 +84,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             "they have"
         )
     spec = next((s for s in ctx.cfg.environments if s.name == env), None) if env else None
-    if spec is not None and spec.is_uri and remote.pointer_root(spec.state) != args.uri.rstrip("/"):
+    if spec is not None and spec.is_uri and pointer.pointer_root(spec.state) != args.uri.rstrip("/"):
         warn(
             f"dbt-defer: note: environment '{env}' of this project reads {pub.shown(spec.state)}, not "
             f"{pub.shown(args.uri)}; readers of '{env}' will not see this version"
@@ -108,23 +108,23 @@ def cmd_publish(args: argparse.Namespace) -> int:
             }
         )
     else:
-        pointer = result.pointer
-        failed = pointer.get("failed_nodes") or 0
+        doc = result.pointer
+        failed = doc.get("failed_nodes") or 0
         what = (
-            f"invocation {pointer.get('invocation_id')} ({pointer.get('command') or 'dbt'}, "
-            f"{pointer.get('results')} results, {failed} not successful; manifest generated_at "
-            f"{pointer.get('generated_at')})"
+            f"invocation {doc.get('invocation_id')} ({doc.get('command') or 'dbt'}, "
+            f"{doc.get('results')} results, {failed} not successful; manifest generated_at "
+            f"{doc.get('generated_at')})"
         )
         if result.already:
             say(f"dbt-defer: {what} is already the published version {result.version} at {where}; nothing uploaded")
         else:
             say(f"dbt-defer: published {what} as {pub.shown(result.version_uri)}")
-            say(f"dbt-defer: {where}/{remote.POINTER} now names it: readers with state {where} get this pair")
+            say(f"dbt-defer: {where}/{pointer.POINTER} now names it: readers with state {where} get this pair")
         if result.prune_problem is None:
             say(f"dbt-defer: kept {len(result.kept)} version(s) (--keep {args.keep}), removed {len(result.removed)}")
     if result.prune_problem is not None:
         warn(
-            f"dbt-defer: published, but old versions under {where}/{remote.PUBLISHED_VERSIONS}/ were not pruned "
+            f"dbt-defer: published, but old versions under {where}/{pointer.PUBLISHED_VERSIONS}/ were not pruned "
             f"({result.prune_problem}); the next publish tries again"
         )
     return 0

@@ -218,10 +218,10 @@ def _published(ctx: ProjectContext, spec: EnvironmentSpec) -> Optional[Dict[str,
         return None
     from datetime import datetime, timezone
 
-    from dbt_defer import remote
+    from dbt_defer import pointer, state_cache
     from dbt_defer.manifests import parse_timestamp
 
-    published = remote.published_version(str((remote.cached_meta(ctx.target_path, spec.name) or {}).get("uri") or ""))
+    published = pointer.published_version(str((state_cache.cached_meta(ctx.target_path, spec.name) or {}).get("uri") or ""))
     if published is None:
         return None
     out: Dict[str, Any] = dict(published)

@@ -1,0 +1,172 @@
+"""The layout of a published folder (SPEC §8), written by ``dbt-defer publish``::
+
+    URI/latest.json                                   the pointer: which version is current
+    URI/versions/<UTC time>-<invocation id>/manifest.json (+ run_results.json)
+
+Owns the pointer's format and its checks (it is remote input: bounded, its path may not leave
+the folder), reading and replacing it (one PUT on object stores, write-then-rename elsewhere),
+version names and pruning. May not touch: what is published (``publish``), fetching
+(``remote``). Imports ``manifests`` (file names) only; works on an fsspec filesystem handed in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional, Tuple
+
+from dbt_defer.manifests import MANIFEST
+
+POINTER = "latest.json"
+PUBLISHED_VERSIONS = "versions"
+POINTER_MAX_BYTES = 64 * 1024
+VERSION_NAME = re.compile(r"^(?P<time>[0-9]{8}T[0-9]{6}(?:[0-9]{6})?Z)-(?P<invocation>[A-Za-z0-9_.-]{1,100})$")
+
+
+def pointer_root(state: str) -> Optional[str]:
+    """The folder URI that may hold a publish pointer: a folder state, or ``<folder>/latest.json``."""
+    if "?" in state or "#" in state or "::" in state:
+        return None  # a signed URL or a chained URI names one object, never a published folder
+    state = state.rstrip("/")
+    if state.endswith("/" + POINTER):
+        return state[: -len(POINTER) - 1]
+    return None if state.lower().endswith(".json") else state
+
+
+class PointerError(ValueError):
+    """A publish pointer that is not one (remote input)."""
+
+
+def parse_pointer(raw: bytes) -> Dict[str, Any]:
+    """The pointer document, checked: it is remote input, and its path may not leave the folder."""
+    if len(raw) > POINTER_MAX_BYTES:
+        raise PointerError(f"it is larger than {POINTER_MAX_BYTES // 1024} KB")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PointerError(f"not valid JSON: {str(exc).splitlines()[0][:120]}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("path"), str):
+        raise PointerError("no version path in it")
+    folder, _, name = doc["path"].partition("/")
+    if folder != PUBLISHED_VERSIONS or not VERSION_NAME.match(name):
+        raise PointerError(
+            f"its version path {doc['path'][:80]!r} is not {PUBLISHED_VERSIONS}/<UTC time>-<invocation id>"
+        )
+    return doc
+
+
+def read_pointer(fs: Any, root_path: str) -> Optional[Dict[str, Any]]:
+    """The pointer in a folder of ``fs``; None when there is none. ValueError: not a pointer."""
+    path = root_path.rstrip("/") + "/" + POINTER
+    try:
+        fs.invalidate_cache(path)  # never an answer cached by an earlier call in this process
+    except Exception:
+        pass
+    try:
+        with fs.open(path, "rb") as fh:
+            raw = fh.read(POINTER_MAX_BYTES + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        return None  # S3 and GCS answer 403 for a missing object to readers without the list right
+    except Exception as exc:
+        if getattr(exc, "status", None) in (403, 404):  # http(s): aiohttp's ClientResponseError
+            return None
+        raise
+    return parse_pointer(raw)
+
+
+def published_version(uri: str) -> Optional[Dict[str, str]]:
+    """version, invocation_id and published_at of a manifest URI inside a published version folder."""
+    parts = uri.split("?", 1)[0].rstrip("/").split("/")
+    if len(parts) < 3 or parts[-1] != MANIFEST or parts[-3] != PUBLISHED_VERSIONS:
+        return None
+    match = VERSION_NAME.match(parts[-2])
+    if not match:
+        return None
+    stamp = match.group("time")
+    when = f"{stamp[0:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}Z"
+    return {"version": parts[-2], "invocation_id": match.group("invocation"), "published_at": when}
+
+
+# --- writing (dbt-defer publish) -------------------------------------------------------------
+
+# object stores: one PUT replaces an object at once, and there are no folders to make (making
+# one there may create a bucket); anything else gets folders made and write-then-rename
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "gcsfs", "az", "abfs", "abfss", "adl", "oss", "memory"}
+
+
+def version_name(when: datetime, invocation_id: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", invocation_id)[:100] or "unknown"
+    return f"{when.astimezone(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{safe}"
+
+
+def is_object_store(fs: Any) -> bool:
+    protocol = fs.protocol
+    return bool(({protocol} if isinstance(protocol, str) else set(protocol)) & _OBJECT_STORES)
+
+
+def current_pointer(fs: Any, root: str) -> Optional[Dict[str, Any]]:
+    """The current pointer; None when there is none or it is not one (this publish replaces it)."""
+    try:
+        return read_pointer(fs, root)
+    except ValueError:
+        return None
+
+
+def exists(fs: Any, path: str) -> bool:
+    try:
+        fs.invalidate_cache(path)
+    except Exception:
+        pass
+    try:
+        return bool(fs.exists(path))
+    except Exception:
+        return False
+
+
+def write_pointer(fs: Any, root: str, document: Dict[str, Any]) -> None:
+    data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    target = f"{root}/{POINTER}"
+    if is_object_store(fs):
+        fs.pipe_file(target, data)
+        return
+    scratch = f"{root}/.{POINTER}.{uuid.uuid4().hex}.tmp"
+    fs.pipe_file(scratch, data)
+    try:
+        fs.mv(scratch, target)  # a rename on local and most mounted stores: readers see old or new
+    except Exception:
+        try:
+            fs.rm(scratch)
+        except Exception:
+            pass
+        raise
+
+
+def _versions(fs: Any, root: str) -> List[str]:
+    folder = f"{root}/{PUBLISHED_VERSIONS}"
+    try:
+        fs.invalidate_cache(folder)
+    except Exception:
+        pass
+    try:
+        entries = fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return []
+    names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
+    return sorted(n for n in names if VERSION_NAME.match(n))
+
+
+def prune(fs: Any, root: str, keep: int, current: Optional[str]) -> Tuple[List[str], List[str]]:
+    """Remove version folders but the newest ``keep`` and the pointer's own: (kept, removed)."""
+    names = _versions(fs, root)
+    kept = set(names[-keep:]) if keep > 0 else set()
+    if current:
+        kept.add(current)
+    removed = []
+    for name in names:
+        if name in kept:
+            continue
+        fs.rm(f"{root}/{PUBLISHED_VERSIONS}/{name}", recursive=True)
+        removed.append(name)
+    return sorted(kept), removed

@@ -1,0 +1,199 @@
+"""The local copy of a remote environment's state (SPEC §8): ``<target path>/dbt_defer_state/<env>/``.
+
+Layout: version folders ``v-<time>-<random>/`` (each a verified manifest.json + run_results.json,
+never modified once named) and ``fetch.json``, the one pointer naming the version in use (with
+where it came from, redacted, and the remote fingerprint), replaced by one atomic rename: a
+reader, or a fetch killed at any moment, sees the old pair or the new pair, never a mix.
+Scratch folders of killed fetches are swept by the next fetch; the previous version is kept for
+readers still on it. Owns the layout, the fingerprints that say "unchanged", sweeping, pruning
+and the age of a cached copy. May not touch: the network (``store``), deciding when to fetch
+(``remote``). Imports ``manifests`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from typing import Any, Dict, Optional, Tuple
+
+from dbt_defer.manifests import MANIFEST, RUN_RESULTS, ManifestError, format_age, load_manifest, parse_timestamp
+
+CACHE_DIR = "dbt_defer_state"
+META = "fetch.json"  # the pointer: which version folder is in use, and where it came from
+NAME_MAX = 64  # longer environment names: a prefix + a hash as the cache folder name
+INCOMING = ".incoming-"
+META_SCRATCH = ".fetch-"
+STALE_SCRATCH_SECONDS = 3600.0
+_VERSION = re.compile(r"^v-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
+# info() keys that identify a version of a remote file, by store:
+#   http: ETag / Last-Modified / Content-MD5; s3: ETag, LastModified; gcs: etag, md5Hash,
+#   generation, updated; local and most others: mtime (+ size everywhere)
+_VERSION_KEYS = (
+    "ETag", "etag", "Content-MD5", "md5Hash", "Digest", "generation",
+    "Last-Modified", "LastModified", "last_modified", "updated", "mtime",
+)
+
+
+def cache_dir(target_path: str, env_name: str) -> str:
+    """The cache folder of an environment; names longer than NAME_MAX: a prefix + a hash."""
+    name = env_name
+    if len(name) > NAME_MAX:
+        name = name[:40] + "-" + hashlib.sha256(env_name.encode("utf-8")).hexdigest()[:16]
+    return os.path.join(target_path, CACHE_DIR, name)
+
+
+def uri_id(uri: str) -> str:
+    return hashlib.sha256(uri.encode("utf-8")).hexdigest()
+
+
+def fingerprint(info: Dict[str, Any]) -> Dict[str, str]:
+    out = {k: str(info[k]) for k in _VERSION_KEYS if info.get(k) not in (None, "")}
+    if info.get("size") is not None:
+        out["size"] = str(info["size"])
+    return out
+
+
+def trustworthy(fp: Dict[str, str]) -> bool:
+    """A fingerprint with only a size cannot tell two versions apart: always download."""
+    return any(k != "size" for k in fp)
+
+
+def current(root: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """(the pointer, the version folder it names) of an environment's cache; (None, None) when
+    there is no usable copy. A cache written before versioned folders is its own folder."""
+    try:
+        with open(os.path.join(root, META), encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(meta, dict):
+        return None, None
+    version = meta.get("version")
+    if version is None:
+        folder = root  # the layout before versions: manifest.json in the environment's folder
+    elif isinstance(version, str) and _VERSION.match(version):
+        folder = os.path.join(root, version)
+    else:
+        return None, None
+    if not os.path.isfile(os.path.join(folder, MANIFEST)):
+        return None, None
+    return meta, folder
+
+
+def cached_meta(target_path: str, env_name: str) -> Optional[Dict[str, Any]]:
+    """What the cache holds for an environment (None when nothing usable)."""
+    return current(cache_dir(target_path, env_name))[0]
+
+
+def cached_folder(target_path: str, env_name: str) -> Optional[str]:
+    """The folder holding an environment's cached manifest.json (+ run_results.json), if any."""
+    return current(cache_dir(target_path, env_name))[1]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _hours_since(stamp: Optional[str]) -> Optional[float]:
+    when = parse_timestamp(stamp or "")
+    if when is None:
+        return None
+    return max(0.0, (datetime.now(timezone.utc) - when).total_seconds() / 3600.0)
+
+
+def age_text(meta: Dict[str, Any], folder: str) -> str:
+    fetched = _hours_since(meta.get("fetched_at"))
+    parts = []
+    if fetched is not None:
+        parts.append(f"fetched {format_age(fetched)} ago")
+    try:
+        generated_at = load_manifest("cache", os.path.join(folder, MANIFEST)).generated_at
+    except ManifestError:
+        generated_at = None
+    generated = _hours_since(generated_at)
+    if generated is not None:
+        parts.append(f"manifest generated {format_age(generated)} ago, at {generated_at}")
+    return "; ".join(parts) or "age unknown"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # a fetch of this process that timed out may still be writing there
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def sweep(root: str) -> None:
+    """Remove what killed fetches left behind: scratch folders and pointer files of processes
+    that are gone (or older than an hour), and version folders no pointer names any more."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        path = os.path.join(root, name)
+        if not name.startswith((INCOMING, META_SCRATCH)):
+            continue
+        pid_text = name.split("-")[1] if name.count("-") >= 2 else ""
+        try:
+            old = now - os.lstat(path).st_mtime > STALE_SCRATCH_SECONDS
+        except OSError:
+            continue
+        if old or not (pid_text.isdigit() and _pid_alive(int(pid_text))):
+            remove(path)
+
+
+def prune(root: str, keep: Tuple[str, ...]) -> None:
+    """Version folders other than ``keep`` (the current one and the one before it, which a
+    reader may still be reading), and the files of the layout before versions."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if (_VERSION.match(name) and name not in keep) or name in (MANIFEST, RUN_RESULTS):
+            remove(os.path.join(root, name))
+
+
+def remove(path: str) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def write_meta(root: str, meta: Dict[str, Any]) -> None:
+    """Replace the pointer in one atomic rename: this is the moment a new version is in use."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{META_SCRATCH}{os.getpid()}-", suffix=".json", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, os.path.join(root, META))
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+
+
+def new_version() -> str:
+    """The name of a new version folder."""
+    return f"v-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{os.urandom(4).hex()}"

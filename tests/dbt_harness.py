@@ -10,17 +10,14 @@ import json
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
-from dbt.cli.main import dbtRunner
+from dbt_defer.testing.runner import DbtResult, dbt_environment, run_dbt
 
 REPO = Path(__file__).resolve().parents[1]
 INTEGRATION = REPO / "integration_tests"
-_CLEAN_ENV_PREFIXES = (
-    "DBT_SEND_ANONYMOUS","DBT_DEFER", "DBT_STATE", "DBT_FAVOR_STATE", "DBT_DEFER_STATE", "DBT_TARGET")
 
 
 def pg_settings() -> Dict[str, str]:
@@ -51,22 +48,7 @@ def postgres_reachable() -> Optional[str]:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-@dataclass
-class Result:
-    success: bool
-    exception: Optional[BaseException]
-    messages: List[dict]
-    raw: object
-
-    def text(self) -> str:
-        parts = [m.get("msg", "") for m in self.messages]
-        if self.exception is not None:
-            parts.append(str(self.exception))
-        return "\n".join(parts)
-
-    def node_results(self) -> Dict[str, object]:
-        res = getattr(self.raw, "results", None) or []
-        return {r.node.unique_id: r for r in res if getattr(r, "node", None) is not None}
+Result = DbtResult  # success, exception, messages, raw; text(), statuses(), node_results()
 
 
 @dataclass
@@ -120,23 +102,7 @@ class Project:
     # --- dbt ----------------------------------------------------------------------
     def dbt(self, *args: str, env: Optional[Dict[str, str]] = None, expect: Optional[bool] = True) -> Result:
         """Run dbt in-process; ``expect`` True/False asserts success/failure (None: no check)."""
-        messages: List[dict] = []
-
-        def collect(event) -> None:
-            info = event.info
-            messages.append({"name": info.name, "level": info.level, "msg": info.msg})
-
-        argv = [*args, "--project-dir", str(self.root), "--profiles-dir", str(self.root)]
-        with _environment(env or {}):
-            res = dbtRunner(callbacks=[collect]).invoke(argv)
-        result = Result(bool(res.success), res.exception, messages, res.result)
-        if expect is not None and result.success != expect:
-            tail = "\n".join(m["msg"] for m in messages[-40:])
-            raise AssertionError(
-                f"dbt {' '.join(args)} {'failed' if expect else 'succeeded unexpectedly'}"
-                f" (exception: {res.exception})\n{tail}"
-            )
-        return result
+        return run_dbt(args, self.root, env, expect)
 
     def relation_exists(self, env: str, name: str) -> bool:
         return name.lower() in self.list_relations(env)
@@ -186,19 +152,7 @@ def _duckdb_connect(path: Path):
         return duckdb.connect(str(path))
 
 
-@contextmanager
-def _environment(extra: Dict[str, str]) -> Iterator[None]:
-    saved = dict(os.environ)
-    for key in list(os.environ):
-        if key.startswith(_CLEAN_ENV_PREFIXES):
-            del os.environ[key]
-    os.environ["DBT_SEND_ANONYMOUS_USAGE_STATS"] = "false"
-    os.environ.update({k: v for k, v in extra.items() if v is not None})
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+_environment = dbt_environment  # the one clean environment for a dbt run (dbt_defer.testing)
 
 
 def _profiles(project: Project, threads: int) -> str:

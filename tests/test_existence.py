@@ -124,3 +124,26 @@ def test_listing_runs_on_its_own_named_connection_in_its_own_thread():
     assert checker.exists(("db", "prod", "a"))
     [(name, thread)] = adapter.connections
     assert name == "list_db_prod" and thread != threading.current_thread().name
+
+
+def test_listed_relations_go_into_dbts_real_cache_without_one_event_each():
+    """With dbt's own RelationsCache: what the checker listed is in dbt's cache (dbt's later
+    get_relation needs no query), put there without RelationsCache.add's per-relation event."""
+    from dbt.adapters.base.relation import BaseRelation
+    from dbt.adapters.cache import RelationsCache
+
+    adapter = FakeAdapter({})
+    adapter.cache = RelationsCache()
+    adapter.list_relations_without_caching = lambda schema_relation: [
+        BaseRelation.create(database="db", schema=schema_relation.schema, identifier=f"m{i}", type="view")
+        for i in range(3)
+    ]
+
+    def no_add(relation):
+        raise AssertionError("RelationsCache.add fires an event per relation: not on this path")
+
+    adapter.cache.add = no_add
+    checker = ExistenceChecker(adapter)
+    assert checker.exists(("db", "prod", "m1")) and not checker.exists(("db", "prod", "m9"))
+    assert ("db", "prod") in adapter.cache
+    assert sorted(r.identifier for r in adapter.cache.get_relations("db", "prod")) == ["m0", "m1", "m2"]

@@ -17,7 +17,8 @@ with metadata queries counted. Used as a subprocess by run.py:
                to see what the plugin's set-up costs at 20k models.
 --timers FILE  times deferral set-up in situ, written as JSON at exit: dbt's
                PreviousState.__init__ + GraphRunnableTask.defer_to_manifest, and (plugin
-               visible) dbt_defer's DeferSession.start + DeferSession.merge.
+               visible) dbt_defer's DeferSession.start + DeferSession.merge, and within them
+               the warehouse listing (ExistenceChecker._settle).
 """
 from __future__ import annotations
 
@@ -101,6 +102,9 @@ SETUP_FUNCTIONS = [
     ("dbt.task.runnable", "GraphRunnableTask", "defer_to_manifest"),
     ("dbt_defer.session", "DeferSession", "start"),
     ("dbt_defer.session", "DeferSession", "merge"),
+    # the warehouse listing inside the set-up (one metadata query per chain schema, budget 4):
+    # timed on its own, so the set-up of budget 3 is what SPEC §10 names, "loading and merging"
+    ("dbt_defer.warehouse", "ExistenceChecker", "_settle"),
 ]
 
 
@@ -111,13 +115,20 @@ def time_setup(out: str, with_plugin: bool) -> None:
     totals: dict[str, float] = {}
     missing: list[str] = []
 
+    inside = [0]  # depth of set-up calls: the listing counts only within the set-up
+
     def timed(label, fn):
+        listing = label == "ExistenceChecker._settle"
+
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
+            inside[0] += 0 if listing else 1
             try:
                 return fn(*args, **kwargs)
             finally:
-                totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
+                inside[0] -= 0 if listing else 1
+                if not listing or inside[0] > 0:
+                    totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
         return wrapper
 
     for module, cls_name, attr in SETUP_FUNCTIONS:

@@ -630,7 +630,7 @@ def test_the_audit_step_never_hides_the_runs_own_exception(monkeypatch):
     """dbt raises, then writing the audit fails too: the caller sees dbt's exception."""
     from types import SimpleNamespace
 
-    from dbt_defer import patches, session
+    from dbt_defer import events, patches, session
 
     logged = []
 
@@ -646,7 +646,7 @@ def test_the_audit_step_never_hides_the_runs_own_exception(monkeypatch):
     task = SimpleNamespace(args=SimpleNamespace(defer=True))
     monkeypatch.setattr(session, "config_for_task", lambda t: SimpleNamespace(configured=True))
     monkeypatch.setattr(session.DeferSession, "start", classmethod(lambda cls, t, c: FakeSession()))
-    monkeypatch.setattr(session, "log", lambda msg, level=None: logged.append(msg))
+    monkeypatch.setattr(events, "log", lambda msg, level=None: logged.append(msg))
     monkeypatch.setitem(patches._ORIGINALS, "run", lambda t: (_ for _ in ()).throw(Boom("the run's own error")))
     with pytest.raises(Boom, match="the run's own error"):
         patches._run(task)

@@ -107,7 +107,7 @@ def _finish(session: Any, error: Optional[BaseException]) -> None:
         from dbt_common.events.base_types import EventLevel
 
         from dbt_defer.config import one_line
-        from dbt_defer.session import log
+        from dbt_defer.events import log
 
         log(f"dbt-defer: the audit step failed ({one_line(exc)}); the run is not affected", EventLevel.WARN)
 

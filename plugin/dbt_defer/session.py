@@ -3,7 +3,7 @@
 Built from a running dbt task when deferral is on and a chain is configured; ``patches`` is
 the only caller. Owns the invocation's state (the loaded chain, the selection, the restricted
 and refused nodes, the audit recorder) and the order of events: start (``chain.load_chain``),
-merge (``guard``, then ``chain.assign_deferral``), each ref (``resolution.resolve`` with
+merge (``guard``, then ``chain.assign_deferral``), each ref (``refs.RefResolution``: ``resolution.resolve`` with
 ``warehouse.ExistenceChecker``, ``limits``), finish (``audit``, ``audit_table``). Loading,
 existence checks, write checks and the audit file live in those modules, not here; dbt
 internals are patched only in ``patches``. Uses dbt's public-ish APIs (adapter, events).
@@ -11,36 +11,20 @@ internals are patched only in ``patches``. Uses dbt's public-ish APIs (adapter, 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence
 
 from dbt_common.events.base_types import EventLevel
-from dbt_common.events.functions import fire_event
-from dbt_common.events.types import Note
-from dbt_common.exceptions import CompilationError, DbtRuntimeError
+from dbt_common.exceptions import DbtRuntimeError
 
 from dbt_defer import audit, audit_table, chain, guard, limits
-from dbt_defer.config import DEV, DeferConfig, DeferConfigError, one_line
+from dbt_defer.chain import Environment
+from dbt_defer.config import DeferConfig, DeferConfigError, one_line
+from dbt_defer.events import log
+from dbt_defer.events import warn as _warn
+from dbt_defer.refs import RefResolution
 from dbt_defer.settings import load_config, overlay_settings
-from dbt_defer.chain import Environment, Location, render
-from dbt_defer.resolution import (
-    DEFERRED,
-    DEV_EXISTS,
-    EPHEMERAL,
-    MISSING,
-    RESTRICTED,
-    SELECTED,
-    RestrictedMissing,
-    Unresolved,
-    resolve,
-)
 from dbt_defer.warehouse import ExistenceChecker
-
-
-def log(msg: str, level: EventLevel = EventLevel.INFO) -> None:
-    fire_event(Note(msg=msg), level=level)
 
 
 def settings_from(config: Any) -> Optional[Mapping[str, Any]]:
@@ -88,10 +72,6 @@ def _str(value: Any) -> Optional[str]:
     return None if value is None else str(value)
 
 
-def _normalized(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
 class DeferSession:
     def __init__(self, task: Any, cfg: DeferConfig, environments: List[Environment], *, plain: bool = False) -> None:
         self.task = task
@@ -107,10 +87,10 @@ class DeferSession:
         self.checker: Optional[ExistenceChecker] = None
         self._selected_src: Any = None
         self._selected: FrozenSet[str] = frozenset()
-        self._modified_cache: Dict[Tuple[str, str], bool] = {}
         self._writes = True  # does this command build its selected nodes? (set in merge)
         self.merged = False
         self.finished = False  # finish() ran (before dbt's closing lines, or at the very end)
+        self.refs = RefResolution(self)
 
     # --- set-up ------------------------------------------------------------------------
 
@@ -244,144 +224,10 @@ class DeferSession:
             self._selected_src = current
         return self._selected
 
-    # --- resolution ----------------------------------------------------------------------
+    # --- resolution (refs.RefResolution) --------------------------------------------------
 
     def relation_for(self, resolver: Any, target: Any, original: Any) -> Any:
-        node = resolver.model
-        if target.is_ephemeral_model:
-            relation = original(resolver, target)
-            self._record(node, target, EPHEMERAL, EPHEMERAL, str(relation), None)
-            return relation
-        if self.native:
-            return self._observe(resolver, target, original)
-
-        dev_location: Location = (target.database, target.schema, target.alias or target.name)
-        uid = target.unique_id
-        try:
-            result = resolve(
-                ephemeral=False,
-                selected=uid in self._selected_now(),
-                restricted=uid in self.restricted,
-                dev_location=dev_location,
-                policy=self.cfg.dev_relations,
-                candidates=[env.candidate(uid) for env in self.environments],
-                exists=self.checker.exists,
-                modified_against=lambda env: self._modified(target, env),
-                builds_selection=self._writes,
-            )
-        except RestrictedMissing as exc:
-            raise CompilationError(
-                f"dbt-defer: {node.unique_id} refs {uid}, which is restricted (never_defer / "
-                f"meta dbt_defer.defer: false) and so is read only from the current target, but "
-                f"{render(exc.location)} does not exist there; build it in your target first "
-                f"(e.g. dbt build -s +{node.name})"
-            ) from None
-        except Unresolved as exc:
-            # SPEC §4.6: render what dbt would (the current target's relation), so macros that
-            # handle a missing relation and compile keep working; say where we looked.
-            relation = self._relation(resolver, target, None)
-            if self._record(node, target, MISSING, MISSING, str(relation), None):
-                log(
-                    f"dbt-defer: {node.unique_id} refs {uid}, which exists nowhere; looked at: "
-                    + "; ".join(exc.places)
-                    + f". Rendered {relation} as dbt would. Fix: select the parent too "
-                    f"(dbt build -s +{node.name}) or build {target.name} in one of these environments",
-                    EventLevel.WARN,
-                )
-            return relation
-
-        location = None if result.env == DEV else result.location
-        return self._finish_relation(resolver, node, target, result.env, result.reason, location)
-
-    def _observe(self, resolver: Any, target: Any, original: Any) -> Any:
-        """Native mode: dbt's own choice, recorded (and limited when limits are configured)."""
-        node = resolver.model
-        uid = target.unique_id
-        own = (target.database, target.schema, target.alias or target.name)
-        if uid in self.restricted:
-            return self._finish_relation(resolver, node, target, DEV, RESTRICTED, None)
-        relation = original(resolver, target)
-        path = relation.path
-        rendered = (path.database, path.schema, path.identifier)
-        if guard.location_key(rendered, None) == guard.location_key(own, None):
-            reason = SELECTED if uid in self._selected_now() else DEV_EXISTS
-            return self._finish_relation(resolver, node, target, DEV, reason, None, relation)
-        env = self.environments[0].name if self.environments else "prod"
-        return self._finish_relation(resolver, node, target, env, DEFERRED, rendered, relation)
-
-    def _relation(self, resolver: Any, target: Any, limit: Optional[int]) -> Any:
-        extras: Dict[str, Any] = {"limit": limit if limit is not None else resolver.resolve_limit}
-        if hasattr(resolver, "resolve_event_time_filter"):
-            extras["event_time_filter"] = resolver.resolve_event_time_filter(target)
-        return resolver.Relation.create_from(resolver.config, target, **extras)
-
-    def _finish_relation(self, resolver: Any, node: Any, target: Any, env: str, reason: str,
-                         location: Optional[Location], relation: Any = None) -> Any:
-        """The relation to render: at ``location`` (None: the current target's), with the
-        environment limit when it applies (SPEC §6); recorded in the audit."""
-        native_limit = resolver.resolve_limit
-        event_time_filter = (
-            resolver.resolve_event_time_filter(target) if hasattr(resolver, "resolve_event_time_filter") else None
-        )
-        limit = None
-        if env != DEV and native_limit is None and event_time_filter is None:
-            limit = self._limit_for(node, target)
-        if relation is None:
-            relation = self._relation(resolver, target, None)
-            if location is not None:
-                database, schema, identifier = location
-                relation = dataclasses.replace(
-                    relation,
-                    path=dataclasses.replace(relation.path, database=database, schema=schema, identifier=identifier),
-                )
-        if limit is not None:
-            relation = dataclasses.replace(relation, limit=limit)
-            if getattr(node, "language", "sql") != "python":
-                relation = limits.limited_relation(relation)  # its alias is settled after compile
-        plain = dataclasses.replace(relation, limit=None)
-        if event_time_filter is not None:
-            plain = dataclasses.replace(plain, event_time_filter=None)
-        self._record(node, target, env, reason, str(plain), limit)
-        return relation
-
-    def _limit_for(self, node: Any, target: Any) -> Optional[int]:
-        try:
-            return limits.limit_for(self.cfg, self.task.config.target_name, node, target)
-        except limits.LimitError as exc:
-            raise CompilationError(str(exc)) from None
-
-    def _modified(self, target: Any, env_name: str) -> bool:
-        key = (target.unique_id, env_name)
-        cached = self._modified_cache.get(key)
-        if cached is None:
-            env = next(e for e in self.environments if e.name == env_name)
-            other = env.manifest.nodes.get(target.unique_id)
-            checksum = getattr(getattr(target, "checksum", None), "checksum", "")
-            cached = (
-                other is None
-                or other.checksum != checksum
-                or _normalized(other.unrendered_config) != _normalized(getattr(target, "unrendered_config", {}))
-            )
-            self._modified_cache[key] = cached
-        return cached
-
-    def _record(self, node: Any, target: Any, env: str, reason: str, relation: str, limit: Optional[int]) -> bool:
-        """Keep one audit record per (node, ref); True when it is new. ``DEV`` is recorded as the
-        running target's name (SPEC §3)."""
-        record = audit.Record(
-            node=node.unique_id,
-            ref=target.unique_id,
-            env=self.current if env == DEV else env,
-            relation=relation,
-            reason=reason,
-            limit=limit,
-            is_test=node.resource_type == "test",
-        )
-        is_new = self.recorder.add(record)
-        if is_new and env not in (DEV, EPHEMERAL):
-            limited = f" (limit {limit})" if limit is not None else ""
-            log(f"dbt-defer: {record.node} -> {record.ref}: {env} {relation}{limited}", EventLevel.DEBUG)
-        return is_new
+        return self.refs.relation_for(resolver, target, original)
 
     # --- the end -------------------------------------------------------------------------
 
@@ -467,7 +313,3 @@ def end_refused(task: Any, error: BaseException, environments: Sequence[Environm
                 cfg: Optional[DeferConfig] = None) -> None:
     """The invocation stopped before resolving any ref: see ``audit.end_refused``. Never raises."""
     audit.end_refused(task, error, environments, cfg.environments if cfg is not None else None, _warn)
-
-
-def _warn(line: str) -> None:
-    log(line, EventLevel.WARN)

@@ -22,7 +22,8 @@ import pytest
 
 import dbt_defer
 from conftest import require_adapter
-from dbt_harness import _CLEAN_ENV_PREFIXES, _environment, make_project, pg_connect
+from dbt_harness import _environment, make_project, pg_connect
+from dbt_defer.testing.runner import clean_environment
 
 PLUGIN = str(Path(dbt_defer.__file__).resolve().parents[1])
 BIN = Path(sys.executable).parent
@@ -30,9 +31,7 @@ TIMEOUT = 120  # seconds; the old code never returned
 
 
 def _subprocess_env(extra: Dict[str, str]) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEAN_ENV_PREFIXES)}
-    env.update({"PYTHONPATH": PLUGIN, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", **extra})
-    return env
+    return clean_environment(dict(os.environ), {"PYTHONPATH": PLUGIN, **extra})
 
 
 def run(argv, extra: Dict[str, str], cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
@@ -137,7 +136,7 @@ def test_a_bad_max_state_mb_is_one_line_naming_the_variable(parsed, value):
 
 
 def test_read_bounded_unit(tmp_path):
-    from dbt_defer.manifests import ManifestError, read_bounded
+    from dbt_defer.untrusted import ManifestError, read_bounded
 
     path = tmp_path / "m.json"
     path.write_bytes(b"x" * 100)
@@ -181,7 +180,7 @@ def test_an_empty_manifest_without_project_name_is_not_this_projects(parsed, tmp
     "sales_-_2024", "100%", "a/b", "café (old)",
 ])
 def test_every_legitimate_name_is_accepted(name):
-    from dbt_defer.manifests import unsafe_name
+    from dbt_defer.untrusted import unsafe_name
 
     assert unsafe_name(name) is None
 
@@ -200,7 +199,7 @@ def test_every_legitimate_name_is_accepted(name):
     ("x" * 1025, "1025 characters"),
 ])
 def test_names_that_could_leave_a_quoted_name_are_refused(name, why):
-    from dbt_defer.manifests import unsafe_name
+    from dbt_defer.untrusted import unsafe_name
 
     assert why in unsafe_name(name)
 

@@ -4,8 +4,8 @@ Only the fields deferral needs are decoded (msgspec skips the rest without build
 parsed manifests are cached in-process by (path, mtime, size). Every problem becomes one
 ``ManifestError`` line naming the environment, the path, what is wrong and the fix.
 
-Imports ``config`` only: it reads untrusted files and knows nothing of chains, dbt's live
-objects or the warehouse.
+Imports ``config`` and ``untrusted`` (the error, the name rule, bounded reads): it reads
+untrusted files and knows nothing of chains, dbt's live objects or the warehouse.
 """
 
 from __future__ import annotations
@@ -13,18 +13,16 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import stat as stat_module
 import threading
-import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import msgspec
 
-from dbt_defer.config import DeferConfigError, max_state_bytes, one_line
+from dbt_defer.config import one_line
+from dbt_defer.untrusted import MANIFEST, ManifestError, limit_bytes, read_bounded, reject_nul, unusable_reason
 
-MANIFEST = "manifest.json"
 RUN_RESULTS = "run_results.json"
 REFABLE = frozenset({"model", "seed", "snapshot"})
 # other nodes whose relations an environment records (the write guard protects them too):
@@ -34,10 +32,6 @@ OWNS_RELATION = frozenset({"test"})
 BAD_STATUSES = frozenset({"error", "fail", "skipped", "runtime error"})
 # statuses that mean "this run built the node" (models, seeds, snapshots: success; tests: pass)
 BUILT_STATUSES = frozenset({"success", "pass"})
-
-
-class ManifestError(RuntimeError):
-    """One clear line: environment, path, what is wrong, the fix."""
 
 
 # --- the lightweight schema (only what deferral reads) -------------------------------------
@@ -185,71 +179,9 @@ def format_age(hours: float) -> str:
     return f"{hours / 24:.1f} days ({hours:.0f} hours)"
 
 
-# --- names from a foreign manifest (SPEC §7: untrusted input) -------------------------------
-
-MAX_NAME_CHARS = 1024  # far above any warehouse's limit (Postgres 63 bytes, Snowflake 255)
-_FORBIDDEN = {"'": "a single quote", '"': "a double quote", "`": "a backtick", ";": "a semicolon",
-              "\\": "a backslash"}
-_COMMENTS = ("--", "/*", "*/")
-
-
-def unsafe_name(value: Any) -> Optional[str]:
-    """Why ``value`` cannot be a database/schema/identifier dbt-defer hands to SQL, or None.
-
-    Accepted: any string of printable characters (letters of any script, digits, mixed case,
-    spaces, hyphens, dots, $, ...) up to 1024 characters. Refused: quotes of any kind,
-    ``;``, backslash, control characters (and line/paragraph separators), SQL comment
-    markers (``--``, ``/*``, ``*/``): what could end a quoted name or a string literal, or start
-    another statement, in any adapter's SQL. None (no database/schema) is fine.
-    """
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        return f"is not a string ({type(value).__name__})"
-    if len(value) > MAX_NAME_CHARS:
-        return f"is {len(value)} characters long (at most {MAX_NAME_CHARS})"
-    for ch, what in _FORBIDDEN.items():
-        if ch in value:
-            return f"contains {what}"
-    for ch in value:
-        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
-            return f"contains the control character U+{ord(ch):04X}"
-    for marker in _COMMENTS:
-        if marker in value:
-            return f"contains the SQL comment marker {marker}"
-    return None
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _unusable(path: str, uid: str, fields: Dict[str, Any]) -> Optional[str]:
-    """The problem with a node's names (without the environment), or None."""
-    for name, value in fields.items():
-        why = unsafe_name(value)
-        if why is not None:
-            return (
-                f"{uid} has {name} {_shown(value)} in {path}, which {why} "
-                "and so cannot be a SQL name; that environment's record of the node is not used (nothing "
-                "is sent to the warehouse for it): regenerate that manifest or fix the node's "
-                f"{name} in its project"
-            )
-    return None
-
-
 def project_id_for(project_name: str) -> str:
     """dbt's metadata.project_id: md5 of the project name."""
     return hashlib.md5(project_name.encode("utf-8")).hexdigest()
-
-
-def _reject_nul(env_name: str, path: str) -> None:
-    if "\0" in path:
-        raise ManifestError(
-            f"dbt-defer: environment '{env_name}': state location {path!r} contains a NUL character; "
-            "fix the path"
-        )
 
 
 def manifest_path_for(env_name: str, state: str) -> str:
@@ -258,7 +190,7 @@ def manifest_path_for(env_name: str, state: str) -> str:
         return os.path.join(state, MANIFEST)
     if os.path.exists(state) or state.endswith(".json"):
         return state
-    _reject_nul(env_name, state)
+    reject_nul(env_name, state)
     raise ManifestError(
         f"dbt-defer: environment '{env_name}': state location {state} does not exist; "
         f"point it at a folder holding {MANIFEST} (or at the file itself), or unset it to skip the environment"
@@ -287,9 +219,9 @@ def load_manifest(env_name: str, path: str, *, is_compatible=None, max_bytes: Op
     ``max_bytes``: the largest file read (default: DBT_DEFER_MAX_STATE_MB).
     """
     if max_bytes is None:
-        max_bytes = _limit_bytes(env_name)
+        max_bytes = limit_bytes(env_name)
     path = os.path.abspath(path)
-    _reject_nul(env_name, path)
+    reject_nul(env_name, path)
     stat = _stat_key(path)
     if stat is None:
         raise ManifestError(
@@ -345,80 +277,6 @@ def _explain_invalid(env_name: str, path: str, raw: bytes, detail: str, is_compa
     return _not_a_manifest(env_name, path, detail)
 
 
-_KINDS = (
-    (stat_module.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat_module.S_ISCHR, "a character device"),
-    (stat_module.S_ISBLK, "a block device"),
-    (stat_module.S_ISSOCK, "a socket"),
-)
-
-
-def _limit_bytes(env_name: str) -> int:
-    try:
-        return max_state_bytes(os.environ)
-    except DeferConfigError as exc:
-        raise ManifestError(str(exc)) from None
-
-
-def read_bounded(env_name: str, path: str, max_bytes: int, fix: str) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes``; anything else is one ManifestError line.
-
-    Opened non-blocking (a FIFO without a writer would block a plain open forever) and checked
-    to be a regular file before a byte is read: a FIFO, device or socket never hangs the run or
-    grows its memory. Reads at most ``max_bytes + 1`` bytes, so a file growing meanwhile is
-    caught too.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOCTTY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if isinstance(exc, IsADirectoryError):
-            fix = f"it is a directory: point the environment at the folder holding {MANIFEST}"
-        raise ManifestError(
-            f"dbt-defer: environment '{env_name}': cannot read {path} ({exc.strerror or exc}); {fix}"
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if stat_module.S_ISDIR(st.st_mode):
-            raise ManifestError(
-                f"dbt-defer: environment '{env_name}': cannot read {path} (Is a directory); it is a "
-                f"directory: point the environment at the folder holding {MANIFEST}"
-            )
-        if not stat_module.S_ISREG(st.st_mode):
-            kind = next((what for test, what in _KINDS if test(st.st_mode)), "not a regular file")
-            raise ManifestError(
-                f"dbt-defer: environment '{env_name}': {path} is {kind}, not a regular file; "
-                "point the environment at a copy of that environment's artifacts"
-            )
-        limit_mb = max_bytes / (1024 * 1024)
-        too_big = ManifestError(
-            f"dbt-defer: environment '{env_name}': {path} is larger than {limit_mb:g} MB "
-            f"(DBT_DEFER_MAX_STATE_MB); point the environment at the right file, or raise "
-            "DBT_DEFER_MAX_STATE_MB if it really is that large"
-        )
-        if st.st_size > max_bytes:
-            raise too_big
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        chunks = []
-        remaining = max_bytes + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 16 * 1024 * 1024))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        if remaining <= 0:
-            raise too_big
-        return b"".join(chunks)
-    except OSError as exc:
-        raise ManifestError(
-            f"dbt-defer: environment '{env_name}': cannot read {path} ({exc.strerror or exc}); {fix}"
-        ) from None
-    finally:
-        os.close(fd)
-
-
 def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, max_bytes: int) -> LoadedManifest:
     raw = read_bounded(env_name, path, max_bytes, "check the file's permissions or point the environment elsewhere")
     try:
@@ -453,7 +311,7 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
             continue
         if n.config.materialized != "ephemeral":
             relations[(n.database, n.schema, n.alias or n.name)] = uid
-            line = _unusable(
+            line = unusable_reason(
                 path, uid, {"database": n.database, "schema": n.schema, "identifier": n.alias or n.name}
             )
             if line:
@@ -470,7 +328,7 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
         )
     functions: Dict[str, Dict[str, Any]] = {}
     for uid, raw_function in (parsed.functions or {}).items():
-        line = _unusable(path, uid, {
+        line = unusable_reason(path, uid, {
             key: raw_function.get(key) if isinstance(raw_function, dict) else raw_function
             for key in ("database", "schema", "alias")
         })

@@ -1,9 +1,9 @@
 """The warehouse room: does a relation exist? Listing, quoting, and the name checks made
 before any name reaches a metadata query (SPEC §7).
 
-Owns ``ExistenceChecker`` (backed by dbt's relation cache and adapter). Imports ``manifests``
-(its name rule) and nothing above; it never decides which environment wins (``resolution``,
-``chain``) and never writes.
+Owns ``ExistenceChecker`` (backed by dbt's relation cache and adapter). Imports ``untrusted``
+(its name rule) and ``chain`` (the ``Location`` type) only; it never decides which environment
+wins (``resolution``, ``chain``) and never writes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 import threading
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
-from dbt_defer.manifests import unsafe_name
+from dbt_defer.untrusted import unsafe_name
 from dbt_defer.chain import Location
 
 _DBT_CACHED: FrozenSet[str] = frozenset({"<cached by dbt>"})  # sentinel: ask dbt's live cache
@@ -85,7 +85,7 @@ class ExistenceChecker:
         return identifier.lower() in listed
 
     def _safe(self, location: Location) -> bool:
-        """Every part can be a SQL name (manifests.unsafe_name); a part the adapter renders
+        """Every part can be a SQL name (untrusted.unsafe_name); a part the adapter renders
         unquoted (quoting off) must moreover be one word (letters, digits, _, $, -)."""
         if self._unquoted is None:
             self._unquoted = _unquoted_parts(self.adapter)

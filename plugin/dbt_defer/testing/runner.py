@@ -18,17 +18,25 @@ _CLEAN_ENV = ("DBT_DEFER", "DBT_STATE", "DBT_FAVOR_STATE", "DBT_TARGET", "DBT_PR
 _ENV_LOCK = threading.Lock()
 
 
+def clean_environment(environ: Dict[str, str], extra: Dict[str, Optional[str]]) -> Dict[str, str]:
+    """``environ`` without the calling shell's dbt-defer and dbt deferral/target variables,
+    anonymous usage stats off, then ``extra`` (None values dropped): what a dbt run of the
+    suite sees, in this process or a subprocess."""
+    env = {k: v for k, v in environ.items() if not (k.startswith(_CLEAN_ENV) and not k.startswith(_KEEP_ENV))}
+    env["DBT_SEND_ANONYMOUS_USAGE_STATS"] = "false"
+    env.update({k: v for k, v in extra.items() if v is not None})
+    return env
+
+
 @contextlib.contextmanager
-def dbt_environment(extra: Dict[str, str]) -> Iterator[None]:
-    """dbt reads flags from the environment: run with ours only (dbt-defer's and dbt's deferral
-    variables of the calling shell removed), restore everything afterwards."""
+def dbt_environment(extra: Dict[str, Optional[str]]) -> Iterator[None]:
+    """dbt reads flags from the environment: run with ``clean_environment`` in this process,
+    restore everything afterwards."""
     with _ENV_LOCK:
         saved = dict(os.environ)
-        for key in list(os.environ):
-            if key.startswith(_CLEAN_ENV) and not key.startswith(_KEEP_ENV):
-                del os.environ[key]
-        os.environ["DBT_SEND_ANONYMOUS_USAGE_STATS"] = "false"
-        os.environ.update({k: v for k, v in extra.items() if v is not None})
+        env = clean_environment(saved, extra)
+        os.environ.clear()
+        os.environ.update(env)
         try:
             yield
         finally:

@@ -10,7 +10,7 @@ from dbt.artifacts.resources import DeferRelation
 from dbt.artifacts.schemas.manifest import WritableManifest
 from dbt.contracts.graph.manifest import Manifest
 
-from dbt_defer.chain import with_defer_relation
+from dbt_defer.merge import with_defer_relation
 
 
 def test_with_defer_relation_equals_dbts_replace_and_flat_graph(envs):

@@ -5,8 +5,8 @@ Holds no credentials and no data values — only node ids, environment names and
 
 Also owns one invocation's audit file: its metadata, writing it (a failure is one warning
 through the ``warn`` callable handed in, never the run's outcome), the ``refused`` audit, and
-the counts behind the savings (upstream nodes not rebuilt). Imports ``config``, ``manifests``
-and ``chain``; never the guard, the session or dbt's events.
+the counts behind the savings (upstream nodes not rebuilt). Imports ``config``, ``manifests``,
+``chain`` and ``localfiles``; never the guard, the session or dbt's events.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Seq
 import dbt_defer
 from dbt_defer import chain
 from dbt_defer.config import DEV, EnvironmentSpec, one_line
+from dbt_defer.localfiles import replace_atomically, sweep
 from dbt_defer.manifests import REFABLE
 
 AUDIT_FILE = "dbt_defer_audit.json"
@@ -184,36 +185,13 @@ def build_document(
 
 
 def write_document(document: Dict[str, Any], target_path: str) -> str:
-    """Write atomically (temp file + rename): a reader never sees half a file.
-
-    The file gets the permissions dbt's own artifacts get (0666 less the process umask): the
-    temp file is created with ``os.open(..., 0o666)``, which the umask applies to, where
-    ``tempfile.mkstemp`` would force 0600.
-    """
+    """Write the audit file atomically (``localfiles.replace_atomically``: a reader never sees
+    half a file; dbt's artifact permissions), after sweeping killed writers' temp files."""
     os.makedirs(target_path, exist_ok=True)
     sweep_temp_files(target_path)
     path = os.path.join(target_path, AUDIT_FILE)
     data = (json.dumps(document, indent=2, sort_keys=False) + "\n").encode("utf-8")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = os.path.join(target_path, f".dbt_defer_audit.{os.getpid()}.{secrets.token_hex(6)}.json")
-        try:
-            fd = os.open(tmp, flags, 0o666)
-            break
-        except FileExistsError:  # pragma: no cover - 48 random bits
-            continue
-    else:  # pragma: no cover
-        raise FileExistsError(f"no free temporary name in {target_path}")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    replace_atomically(path, data, lambda: f".dbt_defer_audit.{os.getpid()}.{secrets.token_hex(6)}.json")
     return path
 
 
@@ -222,52 +200,11 @@ STALE_TEMP_SECONDS = 300.0  # an audit write takes milliseconds: older than this
 _DEAD_GRACE_SECONDS = 5.0  # a dead writer's file: gone after this (clock skew on shared folders)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Is ``pid`` a running process on this host? Unknown (Windows, errors): assumed alive."""
-    if os.name != "posix" or pid <= 0:
-        return True  # os.kill on Windows would terminate the process; keep to the age rule there
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: alive, another user's
-        return True
-    return True
-
-
 def sweep_temp_files(target_path: str, now: Optional[float] = None) -> List[str]:
     """Remove the temp files of audit writes that will never finish (a killed run): named
     ``.dbt_defer_audit.<pid>.<hex>.json`` and older than 5 minutes, or older than 5 seconds
-    with a pid that is no running process. A concurrent run's temp file (a live pid, written
-    a few milliseconds ago) is never touched. Returns the names removed; errors are ignored
-    (another run may sweep the same file at the same moment)."""
-    import time
-
-    now = time.time() if now is None else now
-    removed = []
-    try:
-        names = os.listdir(target_path)
-    except OSError:
-        return removed
-    for name in names:
-        m = _TEMP_FILE.match(name)
-        if m is None:
-            continue
-        pid = int(m.group("pid"))
-        full = os.path.join(target_path, name)
-        try:
-            age = now - os.lstat(full).st_mtime
-        except OSError:
-            continue
-        if pid == os.getpid() and age < STALE_TEMP_SECONDS:
-            continue  # this process's own write in another thread
-        if age >= STALE_TEMP_SECONDS or (age >= _DEAD_GRACE_SECONDS and not _pid_alive(pid)):
-            try:
-                os.unlink(full)
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
+    with a pid that is no running process. A concurrent run's temp file is never touched."""
+    return sweep(target_path, _TEMP_FILE, STALE_TEMP_SECONDS, _DEAD_GRACE_SECONDS, now)
 
 
 def now_iso() -> str:

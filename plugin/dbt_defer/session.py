@@ -3,7 +3,7 @@
 Built from a running dbt task when deferral is on and a chain is configured; ``patches`` is
 the only caller. Owns the invocation's state (the loaded chain, the selection, the restricted
 and refused nodes, the audit recorder) and the order of events: start (``chain.load_chain``),
-merge (``guard``, then ``chain.assign_deferral``), each ref (``refs.RefResolution``: ``resolution.resolve`` with
+merge (``guard``, then ``merge.assign_deferral``), each ref (``refs.RefResolution``: ``resolution.resolve`` with
 ``warehouse.ExistenceChecker``, ``limits``), finish (``audit``, ``audit_table``). Loading,
 existence checks, write checks and the audit file live in those modules, not here; dbt
 internals are patched only in ``patches``. Uses dbt's public-ish APIs (adapter, events).
@@ -17,7 +17,7 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence
 from dbt_common.events.base_types import EventLevel
 from dbt_common.exceptions import DbtRuntimeError
 
-from dbt_defer import audit, audit_table, chain, guard, limits
+from dbt_defer import audit, audit_table, chain, guard, limits, merge
 from dbt_defer.chain import Environment
 from dbt_defer.config import DeferConfig, DeferConfigError, one_line
 from dbt_defer.events import log
@@ -159,8 +159,8 @@ class DeferSession:
         self._guard(task, suspects)
         # nodes: the 'graph' Jinja variable is patched with them (with_defer_relation)
         if self.native:
-            chain.drop_deferral(manifest, self.restricted)
-        elif chain.assign_deferral(manifest, self.environments, self.restricted, self.checker.exists, _warn):  # functions changed: their part of 'graph' too
+            merge.drop_deferral(manifest, self.restricted)
+        elif merge.assign_deferral(manifest, self.environments, self.restricted, self.checker.exists, _warn):  # functions changed: their part of 'graph' too
             flat_graph = getattr(manifest, "flat_graph", None)
             if isinstance(flat_graph, dict) and "functions" in flat_graph:
                 flat_graph["functions"] = {k: v.to_dict(omit_none=False) for k, v in manifest.functions.items()}

@@ -7,7 +7,7 @@ reader, or a fetch killed at any moment, sees the old pair or the new pair, neve
 Scratch folders of killed fetches are swept by the next fetch; the previous version is kept for
 readers still on it. Owns the layout, the fingerprints that say "unchanged", sweeping, pruning
 and the age of a cached copy. May not touch: the network (``store``), deciding when to fetch
-(``remote``). Imports ``manifests`` only.
+(``remote``). Imports ``manifests`` and ``localfiles``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
-import time
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
+from dbt_defer import localfiles
+from dbt_defer.localfiles import remove, replace_atomically
 from dbt_defer.manifests import MANIFEST, RUN_RESULTS, ManifestError, format_age, load_manifest, parse_timestamp
 
 CACHE_DIR = "dbt_defer_state"
@@ -122,37 +121,13 @@ def age_text(meta: Dict[str, Any], folder: str) -> str:
     return "; ".join(parts) or "age unknown"
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # a fetch of this process that timed out may still be writing there
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
+_SCRATCH = re.compile(r"^(?:\.incoming-|\.fetch-)(?P<pid>[^-]*)-")
 
 
 def sweep(root: str) -> None:
     """Remove what killed fetches left behind: scratch folders and pointer files of processes
-    that are gone (or older than an hour), and version folders no pointer names any more."""
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return
-    now = time.time()
-    for name in names:
-        path = os.path.join(root, name)
-        if not name.startswith((INCOMING, META_SCRATCH)):
-            continue
-        pid_text = name.split("-")[1] if name.count("-") >= 2 else ""
-        try:
-            old = now - os.lstat(path).st_mtime > STALE_SCRATCH_SECONDS
-        except OSError:
-            continue
-        if old or not (pid_text.isdigit() and _pid_alive(int(pid_text))):
-            remove(path)
+    that are gone (or older than an hour)."""
+    localfiles.sweep(root, _SCRATCH, STALE_SCRATCH_SECONDS, 0.0)
 
 
 def prune(root: str, keep: Tuple[str, ...]) -> None:
@@ -167,31 +142,11 @@ def prune(root: str, keep: Tuple[str, ...]) -> None:
             remove(os.path.join(root, name))
 
 
-def remove(path: str) -> None:
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.unlink(path)
-    except OSError:
-        pass
-
-
 def write_meta(root: str, meta: Dict[str, Any]) -> None:
     """Replace the pointer in one atomic rename: this is the moment a new version is in use."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{META_SCRATCH}{os.getpid()}-", suffix=".json", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, os.path.join(root, META))
-    except BaseException:
-        remove(tmp)
-        raise
-
-
+    data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    replace_atomically(os.path.join(root, META), data,
+                       lambda: f"{META_SCRATCH}{os.getpid()}-{os.urandom(6).hex()}.json", durable=True)
 
 
 def new_version() -> str:

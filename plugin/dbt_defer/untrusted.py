@@ -10,6 +10,7 @@ a FIFO). Imports ``config`` only.
 from __future__ import annotations
 
 import os
+import re
 import stat as stat_module
 import unicodedata
 from typing import Any, Dict, Optional
@@ -29,6 +30,8 @@ MAX_NAME_CHARS = 1024  # far above any warehouse's limit (Postgres 63 bytes, Sno
 _FORBIDDEN = {"'": "a single quote", '"': "a double quote", "`": "a backtick", ";": "a semicolon",
               "\\": "a backslash"}
 _COMMENTS = ("--", "/*", "*/")
+# letters and digits of any script, _, $, space, dot, hyphen: none of them refused below
+_PLAIN = re.compile(r"[\w$ .\-]*\Z")
 
 
 def unsafe_name(value: Any) -> Optional[str]:
@@ -44,6 +47,8 @@ def unsafe_name(value: Any) -> Optional[str]:
         return None
     if not isinstance(value, str):
         return f"is not a string ({type(value).__name__})"
+    if len(value) <= MAX_NAME_CHARS and _PLAIN.match(value) and "--" not in value:
+        return None  # the common case, decided in one regex (3 names × every node of every manifest)
     if len(value) > MAX_NAME_CHARS:
         return f"is {len(value)} characters long (at most {MAX_NAME_CHARS})"
     for ch, what in _FORBIDDEN.items():

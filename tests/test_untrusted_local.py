@@ -195,6 +195,8 @@ def test_every_legitimate_name_is_accepted(name):
     ("prod\x00", "U+0000"),
     ("prod\u2028x", "U+2028"),
     ("prod -- x", "comment marker --"),
+    ("prod--x", "comment marker --"),
+    ("prod\x85x", "U+0085"),
     ("prod/*x", "comment marker /*"),
     ("x" * 1025, "1025 characters"),
 ])

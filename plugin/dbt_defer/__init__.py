@@ -4,7 +4,7 @@ dbt imports every top-level ``dbt_*`` module and reads its ``plugins`` list; imp
 package installs the patches in ``dbt_defer.patches`` (cheap; inert while deferral is off).
 """
 
-__version__ = "0.1.0"
+from dbt_defer.version import __version__  # noqa: F401  (dbt_defer.__version__)
 
 try:
     from dbt.plugins.manager import dbtPlugin

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
-import dbt_defer
 from dbt_defer import chain
 from dbt_defer.config import DEV, EnvironmentSpec, one_line
 from dbt_defer.localfiles import replace_atomically, sweep
 from dbt_defer.manifests import REFABLE
+from dbt_defer.version import __version__
 
 AUDIT_FILE = "dbt_defer_audit.json"
 # metadata.status, present only when an invocation did not complete: "refused" (stopped before
@@ -216,7 +216,7 @@ def now_iso() -> str:
 
 def run_metadata(task: Any) -> Dict[str, Any]:
     return {
-        "dbt_defer_version": dbt_defer.__version__,
+        "dbt_defer_version": __version__,
         "invocation_id": _invocation_id(),
         "generated_at": now_iso(),
         "target": task.config.target_name,

@@ -21,14 +21,14 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from dbt_defer import __version__
+from dbt_defer.version import __version__
 from dbt_defer.cli import explain, fetch, publish, status
-from dbt_defer.cli.common import CliError, Formatter, ProjectContext, first_line, say, short_id, shown
+from dbt_defer.cli.common import CliError, Formatter, ProjectContext, say, short_id, shown
 from dbt_defer.cli.explain import cmd_explain, run_explain
 from dbt_defer.cli.fetch import cmd_fetch
 from dbt_defer.cli.publish import cmd_publish
 from dbt_defer.cli.status import cmd_status, shim_file
-from dbt_defer.config import DeferConfigError, truthy
+from dbt_defer.config import DeferConfigError, one_line, truthy
 
 __all__ = [
     "CliError", "ProjectContext", "build_parser", "cmd_explain", "cmd_fetch", "cmd_publish", "cmd_status",
@@ -82,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if truthy(os.environ.get("DBT_DEFER_DEBUG")):
             raise
         say(
-            f"dbt-defer: unexpected error: {type(exc).__name__}: {first_line(str(exc))} "
+            f"dbt-defer: unexpected error: {type(exc).__name__}: {one_line(exc)} "
             "(set DBT_DEFER_DEBUG=1 for the traceback)",
             sys.stderr,
         )

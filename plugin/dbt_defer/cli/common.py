@@ -22,7 +22,7 @@ import shutil
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from dbt_defer.config import DeferConfig, DeferConfigError, EnvironmentSpec, truthy
+from dbt_defer.config import DeferConfig, DeferConfigError, EnvironmentSpec, one_line, truthy
 from dbt_defer.settings import load_config, overlay_settings
 
 AUDIT_FILE = "dbt_defer_audit.json"
@@ -124,7 +124,7 @@ def _load_project_yml(root: str) -> Dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             data = safe_load(fh.read())
     except (OSError, yaml.YAMLError) as exc:
-        raise CliError(f"dbt-defer: cannot read {path} ({first_line(exc) or type(exc).__name__}); fix the file", 2) from None
+        raise CliError(f"dbt-defer: cannot read {path} ({one_line(exc)}); fix the file", 2) from None
     if not isinstance(data, dict):
         raise CliError(f"dbt-defer: {path} is not a dbt project file (expected a mapping)", 2)
     return data
@@ -222,13 +222,6 @@ def age_text(hours: Optional[float]) -> Optional[str]:
     from dbt_defer.manifests import format_age
 
     return None if hours is None else format_age(hours)
-
-
-def first_line(text: Any) -> str:
-    for line in str(text).strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
 
 
 _TEST_HASH = re.compile(r"^[0-9a-f]{10}$")

@@ -23,13 +23,13 @@ from dbt_defer.cli.common import (
     Formatter,
     ProjectContext,
     add_project_options,
-    first_line,
     print_json,
     print_table,
     say,
     short_id,
     warn,
 )
+from dbt_defer.config import one_line
 
 EPILOG = """\
 Shows, for every ref() in the selected nodes, where a deferred run would read it from:
@@ -83,18 +83,6 @@ def _env(extra: Dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-_GENERIC = re.compile(
-    r"^(Encountered an error:?|(Runtime|Compilation|Database|Parsing|Dependency|Internal) Error)$", re.I
-)
-
-
-def _one_line(text: str) -> str:
-    """dbt's multi-line error as one line, without its generic headers."""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    kept = [line for line in lines if not _GENERIC.match(line)] or lines
-    return " ".join(kept) or "(no message)"
 
 
 def _seed_scratch(ctx: ProjectContext, scratch: str) -> None:
@@ -171,7 +159,7 @@ def _read_outcome(result: Any, events: List[Tuple[str, str, str]], audit_path: s
     """The compile's audit and summary line, or the CliError saying why there is none."""
     warnings = [m for (_, level, m) in events if level == "warn" and m.startswith("dbt-defer:")]
     for message in dict.fromkeys(warnings):
-        warn(first_line(message))
+        warn(one_line(message))
     if not result.success:
         errors = [m for (_, level, m) in events if level == "error" and m.strip()]
         ours = [m for m in errors if "dbt-defer:" in m]
@@ -179,13 +167,13 @@ def _read_outcome(result: Any, events: List[Tuple[str, str, str]], audit_path: s
             errors.append(str(result.exception))
         if ours:
             text = ours[0]
-            raise CliError(first_line(text[text.find("dbt-defer:"):]))
-        raise CliError(f"dbt-defer: dbt compile failed: {_one_line(errors[0] if errors else '')}")
+            raise CliError(one_line(text[text.find("dbt-defer:"):]))
+        raise CliError(f"dbt-defer: dbt compile failed: {one_line(errors[0] if errors else '', pick='all')}")
     if any(name in ("NoNodesSelected", "NothingToDo") or "Nothing to do" in msg for (name, _, msg) in events):
         raise CliError("dbt-defer: the selection matched no node; check -s/--select")
     plain = [m for (_, _, m) in events if m.startswith("dbt-defer:") and "nothing to defer to" in m]
     if plain and not os.path.isfile(audit_path):  # the target builds the chain's last environment
-        raise CliError(first_line(plain[0]), 0)
+        raise CliError(one_line(plain[0]), 0)
     if not os.path.isfile(audit_path):
         raise CliError("dbt-defer: deferral did not run (no audit was written); check dbt-defer status")
     with open(audit_path, encoding="utf-8") as fh:

@@ -1,0 +1,77 @@
+"""The package's house rules (issue 16, README "Layout"): imports point one way, down the
+layers below, and every module has its place in them. Reads the source; runs nothing."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "plugin" / "dbt_defer"
+
+# bottom first; a module may import only modules of lower layers (lazy imports included)
+LAYERS = [
+    ["version", "config", "localfiles", "events", "testing.runner", "testing.files"],
+    ["untrusted", "env_names"],
+    ["manifests", "settings"],
+    ["pointer", "store", "state_cache"],
+    ["remote"],
+    ["chain", "publish"],
+    ["resolution", "warehouse", "merge", "guard", "limits", "audit_table"],
+    ["audit"],
+    ["refs"],
+    ["session"],
+    ["patches"],
+    [""],  # the package itself: importing it installs the patches
+    ["cli.common"],
+    ["cli.status", "cli.explain", "cli.fetch", "cli.publish"],
+    ["cli"],
+    ["cli.__main__", "testing.project"],
+    ["testing.environments"],
+    ["testing.cases_rules", "testing.cases_features"],
+    ["testing"],
+]
+RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+
+
+def _name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dbt_defer":
+            if node.module == "dbt_defer":  # from dbt_defer import chain, remote
+                found.update(alias.name for alias in node.names)
+            else:
+                found.add(node.module[len("dbt_defer."):] if "." in node.module else "")
+        elif isinstance(node, ast.Import):
+            found.update(a.name[len("dbt_defer."):] for a in node.names if a.name.startswith("dbt_defer."))
+            found.update("" for a in node.names if a.name == "dbt_defer")
+    return found
+
+
+def test_every_module_has_a_layer_and_imports_only_below_it():
+    modules = {_name(p): p for p in PACKAGE.rglob("*.py")}
+    assert sorted(set(modules) - set(RANK)) == [], "place each new module in LAYERS (and the README)"
+    assert sorted(set(RANK) - set(modules)) == [], "LAYERS names a module that is gone"
+    upward = [
+        f"{name} imports {dep or 'dbt_defer'}"
+        for name, path in sorted(modules.items())
+        for dep in sorted(_imports(path) - {name})
+        if RANK.get(dep, len(LAYERS)) >= RANK[name]
+    ]
+    assert upward == []
+
+
+def test_config_imports_nothing_of_ours_and_nothing_of_dbt():
+    tree = ast.parse((PACKAGE / "config.py").read_text(encoding="utf-8"))
+    roots = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "module", "x")
+        for alias in node.names
+    }
+    assert not roots & {"dbt_defer", "dbt", "dbt_common"}, roots

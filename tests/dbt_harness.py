@@ -6,7 +6,6 @@ so tests never see each other's relations. dbt runs in-process through ``dbtRunn
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -14,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from dbt_defer.testing.runner import DbtResult, dbt_environment, run_dbt
+from dbt_defer.testing.project import ProjectFolder
+from dbt_defer.testing.runner import DbtResult, dbt_environment
 
 REPO = Path(__file__).resolve().parents[1]
 INTEGRATION = REPO / "integration_tests"
@@ -52,7 +52,7 @@ Result = DbtResult  # success, exception, messages, raw; text(), statuses(), nod
 
 
 @dataclass
-class Project:
+class Project(ProjectFolder):
     root: Path
     adapter: str
     schema_prefix: str
@@ -60,10 +60,6 @@ class Project:
     created_schemas: List[str] = field(default_factory=list)
 
     # --- paths --------------------------------------------------------------------
-    @property
-    def target(self) -> Path:
-        return self.root / "target"
-
     def schema(self, env: str) -> str:
         return f"{self.schema_prefix}_{env}"
 
@@ -72,26 +68,6 @@ class Project:
         return pg_settings()["dbname"] if self.adapter == "postgres" else self.duckdb_path.stem
 
     # --- files --------------------------------------------------------------------
-    def write(self, rel: str, text: str) -> Path:
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return path
-
-    def read(self, rel: str) -> str:
-        return (self.root / rel).read_text()
-
-    def save_artifacts(self, folder: str) -> Path:
-        from dbt_defer.testing import save_artifacts
-
-        return save_artifacts(self.target, self.root / folder)
-
-    def audit(self) -> dict:
-        return json.loads((self.target / "dbt_defer_audit.json").read_text())
-
-    def resolutions(self) -> Dict[tuple, dict]:
-        return {(r["node"], r["ref"]): r for r in self.audit()["resolutions"]}
-
     def compiled(self, rel_path: str) -> str:
         """Compiled SQL of a node, e.g. 'models/marts/customers.sql'."""
         return (self.target / "compiled" / "dbt_defer_integration_tests" / rel_path).read_text()
@@ -100,10 +76,6 @@ class Project:
         return f"{kind}.dbt_defer_integration_tests.{name}"
 
     # --- dbt ----------------------------------------------------------------------
-    def dbt(self, *args: str, env: Optional[Dict[str, str]] = None, expect: Optional[bool] = True) -> Result:
-        """Run dbt in-process; ``expect`` True/False asserts success/failure (None: no check)."""
-        return run_dbt(args, self.root, env, expect)
-
     def relation_exists(self, env: str, name: str) -> bool:
         return name.lower() in self.list_relations(env)
 

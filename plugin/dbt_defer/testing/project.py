@@ -15,16 +15,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from dbt_defer.testing.files import ENVIRONMENTS, PROJECT, save_artifacts
 from dbt_defer.testing.runner import DbtResult, dbt_environment, run_dbt
 
-# --- a test class's project ----------------------------------------------------------------------
-
-
-@dataclass
-class DeferProject:
-    """A copy of the suite's project for one test class: its own dev schema and artifacts."""
+class ProjectFolder:
+    """A dbt project folder under test (``root``): its files, dbt runs in this process, the
+    audit dbt-defer wrote. Shared by the suite's ``DeferProject`` and dbt-defer's own tests."""
 
     root: Path
-    schemas: Dict[str, str]  # "prod", "staging", "dev" -> schema name
-    profile_target: Dict[str, Any]
 
     # --- files --------------------------------------------------------------------------------
     @property
@@ -57,6 +52,28 @@ class DeferProject:
     def save_artifacts(self, folder: str) -> Path:
         return save_artifacts(self.target, self.root / folder)
 
+    def dbt(self, *args: str, env: Optional[Dict[str, str]] = None, expect: Optional[bool] = True) -> DbtResult:
+        """dbt with deferral off (plain dbt), unless ``env`` turns it on."""
+        return run_dbt(args, self.root, env, expect)
+
+    def audit(self) -> Dict[str, Any]:
+        return json.loads((self.target / "dbt_defer_audit.json").read_text())
+
+    def resolutions(self) -> Dict[Tuple[str, str], Dict[str, Any]]:
+        return {(r["node"], r["ref"]): r for r in self.audit()["resolutions"]}
+
+
+# --- a test class's project ----------------------------------------------------------------------
+
+
+@dataclass
+class DeferProject(ProjectFolder):
+    """A copy of the suite's project for one test class: its own dev schema and artifacts."""
+
+    root: Path
+    schemas: Dict[str, str]  # "prod", "staging", "dev" -> schema name
+    profile_target: Dict[str, Any]
+
     # --- dbt ----------------------------------------------------------------------------------
     def chain_env(self, **extra: str) -> Dict[str, str]:
         env = {"DBT_DEFER": "1"}
@@ -64,10 +81,6 @@ class DeferProject:
             env[f"DBT_DEFER_{name.upper()}_STATE"] = f"{name}-artifacts"
         env.update(extra)
         return env
-
-    def dbt(self, *args: str, env: Optional[Dict[str, str]] = None, expect: Optional[bool] = True) -> DbtResult:
-        """dbt with deferral off (plain dbt), unless ``env`` turns it on."""
-        return run_dbt(args, self.root, env, expect)
 
     def deferred(self, *args: str, expect: Optional[bool] = True, **extra_env: str) -> DbtResult:
         """dbt with the chain (staging then prod) on; a stale audit never survives."""
@@ -89,12 +102,6 @@ class DeferProject:
         return code, out.getvalue(), err.getvalue()
 
     # --- what dbt wrote -------------------------------------------------------------------------
-    def audit(self) -> Dict[str, Any]:
-        return json.loads((self.target / "dbt_defer_audit.json").read_text())
-
-    def resolutions(self) -> Dict[Tuple[str, str], Dict[str, Any]]:
-        return {(r["node"], r["ref"]): r for r in self.audit()["resolutions"]}
-
     def manifest(self, env: str = "dev") -> Dict[str, Any]:
         path = self.target / "manifest.json" if env == "dev" else self.root / f"{env}-artifacts" / "manifest.json"
         return json.loads(path.read_text())

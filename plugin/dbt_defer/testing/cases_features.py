@@ -10,7 +10,7 @@ import threading
 from typing import Any, Dict, Tuple
 
 from dbt_defer.testing.environments import DeferBase, assert_resolved, record
-from dbt_defer.testing.files import CUSTOMERS, ENVIRONMENTS, ORDERS, PACKAGE
+from dbt_defer.testing.files import CUSTOMERS, ENVIRONMENTS, ORDERS, PACKAGE, dbt_defer_meta
 from dbt_defer.testing.project import DeferProject, uid
 
 LIMIT_VARS = json.dumps({"dbt_defer": {"limits": {"dev": 2}, "never_defer": ["tag:pii"]}})
@@ -20,12 +20,7 @@ class BaseLimits(DeferBase):
     """SPEC §6: limits by running target, per model (meta), not in data tests; aliased refs."""
 
     files = {
-        "seeds/_seeds.yml": """version: 2
-seeds:
-  - name: raw_customers
-    config:
-      meta: {dbt_defer: {limit: null}}
-""",
+        "seeds/_seeds.yml": dbt_defer_meta("seeds", "raw_customers", "{limit: null}"),
         "models/limits/lim_plain.sql": "select * from {{ ref('stg_customers') }}\n",
         "models/limits/lim_unlimited.sql": "select * from {{ ref('raw_customers') }}\n",
         "models/limits/_limits.yml": """version: 2
@@ -84,12 +79,7 @@ class BaseNeverDefer(DeferBase):
     """SPEC §7 never_defer (tag selector var) and meta dbt_defer.defer: false."""
 
     files = {
-        "models/staging/_staging.yml": """version: 2
-models:
-  - name: stg_orders
-    config:
-      meta: {dbt_defer: {defer: false}}
-""",
+        "models/staging/_staging.yml": dbt_defer_meta("models", "stg_orders", "{defer: false}"),
     }
 
     def test_restricted_parents_missing_in_dev_stop_the_run(self, project: DeferProject) -> None:

@@ -128,6 +128,12 @@ models:
 }
 
 
+def dbt_defer_meta(kind: str, name: str, settings: str) -> str:
+    """A properties file giving one node of ``kind`` (models, seeds, snapshots) its
+    ``meta: {dbt_defer: <settings>}``, e.g. ``dbt_defer_meta("seeds", "raw_customers", "{limit: null}")``."""
+    return f"version: 2\n{kind}:\n  - name: {name}\n    config:\n      meta: {{dbt_defer: {settings}}}\n"
+
+
 def project_yml(update: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     base: Dict[str, Any] = {
         "name": PROJECT,

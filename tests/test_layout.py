@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "plugin" / "dbt_defer"
 
 # bottom first; a module may import only modules of lower layers (lazy imports included)
 LAYERS = [
-    ["version", "config", "localfiles", "events", "testing.runner", "testing.files"],
+    ["version", "config", "localfiles", "events", "artifact_schema", "testing.runner", "testing.files"],
     ["untrusted", "env_names"],
     ["manifests", "settings"],
     ["pointer", "store", "state_cache"],

@@ -20,6 +20,7 @@ from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import msgspec
 
+from dbt_defer.artifact_schema import DECODE_MANIFEST, DECODE_METADATA_ONLY, DECODE_RESULTS
 from dbt_defer.config import one_line
 from dbt_defer.untrusted import MANIFEST, ManifestError, limit_bytes, read_bounded, reject_nul, unusable_reason
 
@@ -32,70 +33,6 @@ OWNS_RELATION = frozenset({"test"})
 BAD_STATUSES = frozenset({"error", "fail", "skipped", "runtime error"})
 # statuses that mean "this run built the node" (models, seeds, snapshots: success; tests: pass)
 BUILT_STATUSES = frozenset({"success", "pass"})
-
-
-# --- the lightweight schema (only what deferral reads) -------------------------------------
-
-
-class _Checksum(msgspec.Struct):
-    checksum: str = ""
-
-
-class _Config(msgspec.Struct):
-    materialized: Optional[str] = None
-    enabled: bool = True
-
-
-class _Node(msgspec.Struct):
-    resource_type: str = ""
-    database: Optional[str] = None
-    schema: Optional[str] = None
-    alias: Optional[str] = None
-    identifier: Optional[str] = None  # sources
-    name: str = ""
-    package_name: str = ""
-    relation_name: Optional[str] = None
-    config: _Config = msgspec.field(default_factory=_Config)
-    checksum: _Checksum = msgspec.field(default_factory=_Checksum)
-    unrendered_config: Dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-class _Metadata(msgspec.Struct):
-    dbt_schema_version: str = ""
-    dbt_version: str = ""
-    generated_at: str = ""
-    invocation_id: Optional[str] = None
-    project_name: Optional[str] = None
-    project_id: Optional[str] = None
-    adapter_type: Optional[str] = None
-
-
-class _Manifest(msgspec.Struct):
-    metadata: Optional[_Metadata] = None
-    nodes: Optional[Dict[str, _Node]] = None
-    sources: Optional[Dict[str, _Node]] = None
-    functions: Optional[Dict[str, Dict[str, Any]]] = None  # dbt >= 1.11; kept whole (few)
-
-
-class _LooseMetadata(msgspec.Struct):
-    dbt_schema_version: Any = None
-    dbt_version: Any = None
-
-
-class _MetadataOnly(msgspec.Struct):
-    """Decoded only when the full decode fails, to tell "wrong version" from "not a manifest"."""
-
-    metadata: Any = None
-
-
-class _Result(msgspec.Struct):
-    unique_id: str = ""
-    status: Optional[str] = None
-    execution_time: Optional[float] = None
-
-
-class _RunResults(msgspec.Struct):
-    results: list[_Result] = msgspec.field(default_factory=list)
 
 
 # --- what the rest of the package sees ------------------------------------------------------
@@ -199,9 +136,6 @@ def manifest_path_for(env_name: str, state: str) -> str:
 
 _CACHE: Dict[Tuple[str, int, int, Optional[Tuple[int, int]], int], LoadedManifest] = {}
 _CACHE_LOCK = threading.Lock()
-_DECODE_MANIFEST = msgspec.json.Decoder(_Manifest)
-_DECODE_RESULTS = msgspec.json.Decoder(_RunResults)
-_DECODE_METADATA_ONLY = msgspec.json.Decoder(_MetadataOnly)
 
 
 def _stat_key(path: str) -> Optional[Tuple[int, int]]:
@@ -264,7 +198,7 @@ def _not_a_manifest(env_name: str, path: str, what: str) -> ManifestError:
 def _explain_invalid(env_name: str, path: str, raw: bytes, detail: str, is_compatible) -> ManifestError:
     """The full decode failed on a JSON document: a manifest of another dbt version, or not one."""
     try:
-        meta = _DECODE_METADATA_ONLY.decode(raw).metadata
+        meta = DECODE_METADATA_ONLY.decode(raw).metadata
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         meta = None
     version = meta.get("dbt_schema_version") if isinstance(meta, dict) else None
@@ -280,7 +214,7 @@ def _explain_invalid(env_name: str, path: str, raw: bytes, detail: str, is_compa
 def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, max_bytes: int) -> LoadedManifest:
     raw = read_bounded(env_name, path, max_bytes, "check the file's permissions or point the environment elsewhere")
     try:
-        parsed = _DECODE_MANIFEST.decode(raw)
+        parsed = DECODE_MANIFEST.decode(raw)
     except msgspec.ValidationError as exc:
         raise _explain_invalid(env_name, path, raw, one_line(exc, pick='all', limit=200), is_compatible) from None
     except RecursionError:
@@ -367,7 +301,7 @@ def _read_run_results(env_name: str, path: str, max_bytes: int) -> Tuple[Dict[st
     """(unique_id -> bad status, unique_id -> execution_time of the nodes recorded as built)."""
     raw = read_bounded(env_name, path, max_bytes, "fix its permissions or remove it")
     try:
-        parsed = _DECODE_RESULTS.decode(raw)
+        parsed = DECODE_RESULTS.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise ManifestError(
             f"dbt-defer: environment '{env_name}': {path} is not a dbt run_results.json ({one_line(exc, pick='all', limit=200)}); "

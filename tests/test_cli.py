@@ -394,6 +394,25 @@ def test_fetch_over_http_cache_reuse_auto_fetch_and_unreachable(envs, capsys):
     assert "no cached copy" in result.text()
 
 
+def test_env_var_in_target_path_and_profile_target_is_rendered_as_dbt_does(envs, capsys):
+    """dbt_project.yml target-path and the profile's target with env_var(): the CLI reads the
+    same folder and target a dbt run of the same shell would."""
+    project_yml, profiles = envs.root / "dbt_project.yml", envs.root / "profiles.yml"
+    originals = project_yml.read_text(), profiles.read_text()
+    project_yml.write_text(originals[0] + "\ntarget-path: \"{{ env_var('MY_TARGET_DIR', 'target') }}\"\n")
+    profiles.write_text(originals[1].replace("  target: dev", "  target: \"{{ env_var('MY_TARGET', 'dev') }}\"", 1))
+    try:
+        env = dict(CHAIN, MY_TARGET_DIR="elsewhere", MY_TARGET="ci")
+        code, out, err = run_cli(capsys, envs, "status", "--output", "json", "--profiles-dir", str(envs.root), env=env)
+        assert code == 0, err
+        assert (json.loads(out)["target_path"], json.loads(out)["target"]) == (str(envs.root / "elsewhere"), "ci")
+        code, out, err = run_cli(capsys, envs, "status", "--output", "json", "--profiles-dir", str(envs.root), env=dict(CHAIN))
+        assert (json.loads(out)["target_path"], json.loads(out)["target"]) == (str(envs.root / "target"), "dev")
+    finally:
+        project_yml.write_text(originals[0])
+        profiles.write_text(originals[1])
+
+
 # --- control characters (issue 17) -------------------------------------------------------------
 
 

@@ -146,11 +146,23 @@ def _parse_vars(raw: Optional[str]) -> Dict[str, Any]:
     return value
 
 
+def _invocation_context() -> None:
+    """dbt's ``env_var()`` reads the environment held by the invocation context, which dbt
+    sets (a copy of os.environ) when a command starts; the CLI is not a dbt command, so it
+    sets a fresh one before rendering (dbt sets its own again at its next command)."""
+    try:
+        from dbt_common.context import set_invocation_context
+    except ImportError:  # pragma: no cover - older dbt-common: env_var reads os.environ itself
+        return
+    set_invocation_context(os.environ)
+
+
 def _render(value: str, cli_vars: Dict[str, Any], profile: bool) -> str:
     """env_var()/var() in a project setting (or the profile's target) rendered by dbt's renderer."""
     if "{{" not in value:
         return value
     try:
+        _invocation_context()
         if profile:
             from dbt.config.renderer import ProfileRenderer
 

@@ -165,12 +165,16 @@ def setup_stamp(args: argparse.Namespace) -> dict:
             "package": str(macro_package(args.work_dir.resolve()))}
 
 
-def setup(args: argparse.Namespace) -> Ctx:
+def setup(args: argparse.Namespace, prod_only: bool = False) -> Ctx:
+    """The layered project, its DuckDB warehouse and the prod + staging states (``prod_only``:
+    prod alone, for the scaling sizes measured for set-up and memory only)."""
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     db = work / "bench.duckdb"
     stamp_file, stamp = work / "stamp.json", setup_stamp(args)
-    if args.reuse and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+    prod_stamp = work / "stamp-prod.json"  # written once prod is built: a prod-only run reuses it
+    reusable = [stamp_file, prod_stamp] if prod_only else [stamp_file]
+    if args.reuse and any(f.exists() and json.loads(f.read_text()) == stamp for f in reusable):
         log(f"--reuse: keeping the projects, warehouse and states in {work}")
         project = project_for(work / "project", args.models)
         for root in (project.root, work / "vanilla"):
@@ -178,6 +182,7 @@ def setup(args: argparse.Namespace) -> Ctx:
         return Ctx(args, work, project, work / "vanilla", work / "prod-artifacts",
                    work / "staging-artifacts", plugin_status())
     stamp_file.unlink(missing_ok=True)
+    prod_stamp.unlink(missing_ok=True)
     for f in (db, work / "bench.duckdb.wal"):
         f.unlink(missing_ok=True)
 
@@ -196,6 +201,9 @@ def setup(args: argparse.Namespace) -> Ctx:
                  hide_plugin=True)).seconds
     save_state(project.root, "target/prod", ctx.prod_state)
     log(f"  prod built in {t:.1f}s")
+    prod_stamp.write_text(json.dumps(stamp))
+    if prod_only:
+        return ctx
     log("building staging (tag:in_staging, about half the project)")
     t = run(Call(project.root, ["build", "--target", "staging", "-s", "tag:in_staging",
                                 "--target-path", "target/staging"], hide_plugin=True)).seconds
@@ -602,7 +610,7 @@ def derived_states(ctx: Ctx) -> list[Path]:
                 node["relation_name"] = None
         d.mkdir(parents=True, exist_ok=True)
         (d / "manifest.json").write_text(json.dumps(manifest))
-        if d.name in runs:
+        if d.name in runs and (runs[d.name] / "run_results.json").exists():
             shutil.copy2(runs[d.name] / "run_results.json", d / "run_results.json")
     return dirs
 
@@ -621,6 +629,20 @@ def scale_point(ctx: Ctx) -> dict:
     expect_hidden(t.warmup["native"], "native --defer baseline")
     counts = run(chain, count=True).counts["list_relations_by_schema"]
 
+    point = setup_point(ctx, "target/chain")
+    med = {k: median(v) for k, v in t.wall.items()}
+    point.update({
+        "wall": med, "timings": t.asdict(), "chain_ratio": med["chain"] / med["native"],
+        "metadata_max": max(counts.values(), default=0), "metadata": counts,
+        "peak_chain_build": median(t.peak_mb["chain"]), "peak_native_build": median(t.peak_mb["native"]),
+    })
+    return point
+
+
+def setup_point(ctx: Ctx, warm_target: str) -> dict:
+    """Budget 3 at one size, in situ and loaders only, and peak memory of a deferred compile
+    with 3 environments; ``warm_target``: the target path whose partial parse starts the runs."""
+    n, repeat = ctx.project.n_models, ctx.args.repeat
     dirs = derived_states(ctx)
     iso: dict[str, list[float]] = {"plugin": [], "dbt": []}
     for _ in range(repeat):
@@ -629,7 +651,7 @@ def scale_point(ctx: Ctx) -> dict:
 
     for name in ("situ_plugin", "situ_native"):  # start from the warm partial parse of the dev runs
         (ctx.root / "target" / name).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ctx.root / "target" / "chain" / "partial_parse.msgpack", ctx.root / "target" / name)
+        shutil.copy2(ctx.root / warm_target / "partial_parse.msgpack", ctx.root / "target" / name)
     compile_one = ["compile", "--target", "dev", "-s", ctx.project.model(0, 0)]
     env3 = {"DBT_DEFER": "1", **{f"DBT_DEFER_{d.name.upper()}_STATE": str(d) for d in dirs}}
     p_call = Call(ctx.root, compile_one + ["--target-path", "target/situ_plugin"], env=env3)
@@ -653,15 +675,11 @@ def scale_point(ctx: Ctx) -> dict:
         log(f"  scale {n} set-up round {rnd}: plugin {situ['plugin'][-1]:.2f}s (+ listing {situ['listing'][-1]:.2f}s), "
             f"dbt {situ['dbt'][-1]:.2f}s, "
             f"peak {p.peak_mb:.0f} vs {d.peak_mb:.0f} MB")
-    med = {k: median(v) for k, v in t.wall.items()}
     point = {
-        "models": n, "wall": med, "timings": t.asdict(),
-        "chain_ratio": med["chain"] / med["native"],
+        "models": n,
         "setup_plugin": median(situ["plugin"]), "setup_dbt": median(situ["dbt"]),
         "setup_listing": median(situ["listing"]),
         "setup_iso_plugin": median(iso["plugin"]), "setup_iso_dbt": median(iso["dbt"]),
-        "metadata_max": max(counts.values(), default=0), "metadata": counts,
-        "peak_chain_build": median(t.peak_mb["chain"]), "peak_native_build": median(t.peak_mb["native"]),
         "peak_chain3": median(peak["plugin"]), "peak_native_compile": median(peak["dbt"]),
         "manifest_mb": (ctx.prod_state / "manifest.json").stat().st_size / 1e6,
     }
@@ -673,13 +691,16 @@ def scale_point(ctx: Ctx) -> dict:
 def measure_scaling(ctx: Ctx) -> None:
     import copy
 
+    setup_only = {int(x) for x in (ctx.args.setup_only_sizes or "").split(",") if x}
     for n in [int(x) for x in ctx.args.sizes.split(",")]:
         sub_args = copy.copy(ctx.args)
         sub_args.models, sub_args.work_dir = n, ctx.work / f"scale-{n}"
-        log(f"scaling: {n} models")
-        sub = setup(sub_args)
-        point = scale_point(sub)
-        log(f"  {n}: chain/native {point['chain_ratio']:.3f}, set-up {point['setup_ratio']:.3f}, "
+        log(f"scaling: {n} models" + (" (set-up and memory only: prod alone is built)" if n in setup_only else ""))
+        if n in setup_only:
+            point = setup_point(setup(sub_args, prod_only=True), "target/prod")
+        else:
+            point = scale_point(setup(sub_args))
+        log(f"  {n}: chain/native {point.get('chain_ratio', float('nan')):.3f}, set-up {point['setup_ratio']:.3f}, "
             f"peak chain(3) {point['peak_chain3']:.0f} MB")
         ctx.scaling.append(point)
 
@@ -694,6 +715,14 @@ def scaling_table(points: list[dict]) -> str:
         "| ---: | ---: | ---: | ---: | --- | --- | ---: | --- | --- | --- | --- |",
     ]
     for p in points:
+        if "wall" not in p:  # a set-up-only size: its build and metadata columns were not measured
+            lines.append(
+                f"| {p['models']:,} | not measured | not measured | not measured | not measured "
+                f"| {p['setup_plugin']:.3f}s vs {p['setup_dbt']:.3f}s = {p['setup_ratio']:.3f}× {ok(p['setup_ratio'] <= 0.15)} "
+                f"| {p.get('setup_listing', 0.0):.3f} "
+                f"| {p['setup_iso_plugin']:.3f}s vs {p['setup_iso_dbt']:.3f}s = {p['setup_iso_ratio']:.3f}× "
+                f"| not measured | not measured | {p['peak_chain3']:.0f} vs {p['peak_native_compile']:.0f} |")
+            continue
         w = p["wall"]
         lines.append(
             f"| {p['models']:,} | {w['plain']:.2f} | {w['native']:.2f} | {w['chain']:.2f} "
@@ -716,6 +745,9 @@ def scaling_plot(points: list[dict], path: Path, selected: int) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    points = [p for p in points if "wall" in p]
+    if not points:
+        return False
     xs = [p["models"] for p in points]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for key, label, style in (("plain", "plain dbt (no deferral)", "o-"),
@@ -830,6 +862,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--data-adapters", default="duckdb,postgres", help="adapters of 5b/5c")
     ap.add_argument("--sizes", default="1000,5000,20000", help="project sizes of the scaling "
                     "measurement (default 1000,5000,20000)")
+    ap.add_argument("--setup-only-sizes", default="", help="scaling sizes (of --sizes) measured for "
+                    "set-up and memory only, with prod alone built: for sizes whose environments "
+                    "take dbt too long to build here")
     ap.add_argument("--quiet-wait", type=float, default=0, help="before each measurement, wait up "
                     "to this many minutes for the 1-minute load average to drop below --quiet-load")
     ap.add_argument("--quiet-load", type=float, default=1.5)

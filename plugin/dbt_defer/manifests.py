@@ -21,7 +21,7 @@ from typing import Any, Dict, FrozenSet, Optional, Tuple
 import msgspec
 
 from dbt_defer.artifact_schema import DECODE_MANIFEST, DECODE_METADATA_ONLY, DECODE_RESULTS
-from dbt_defer.config import one_line
+from dbt_defer.config import gc_paused, one_line
 from dbt_defer.untrusted import MANIFEST, ManifestError, limit_bytes, read_bounded, reject_nul, unusable_reason
 
 RUN_RESULTS = "run_results.json"
@@ -167,7 +167,8 @@ def load_manifest(env_name: str, path: str, *, is_compatible=None, max_bytes: Op
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
     if cached is None:
-        cached = _read(env_name, path, results_path if key[3] else None, is_compatible, max_bytes)
+        with gc_paused():
+            cached = _read(env_name, path, results_path if key[3] else None, is_compatible, max_bytes)
         with _CACHE_LOCK:
             if len(_CACHE) >= 16:  # a handful of environments per process; never grow unbounded
                 _CACHE.clear()

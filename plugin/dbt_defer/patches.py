@@ -1,6 +1,6 @@
 """Every patch of dbt internals, in one place.
 
-Patched (checked on dbt-core 1.8.x and 1.11.x):
+Patched (checked on dbt-core 1.8.x, 1.9.x, 1.10.x, 1.11.x and 1.12.x; ``CHECKED_ON``):
 
 1. ``dbt.task.runnable.GraphRunnableTask.run`` — with deferral on and a chain configured,
    load and validate the chain before the task starts, and write the audit when it ends
@@ -22,22 +22,27 @@ Patched (checked on dbt-core 1.8.x and 1.11.x):
    subquery dbt-defer limited its alias (``limits.resolve``; only the spans it marked).
 
 With deferral off each patched function calls dbt's original at once (the plugin is inert).
+
+Before patching, ``apply`` checks that every patch point is there with the parameters the
+patch relies on (``_PATCH_POINTS``). If one is missing or has changed shape (a dbt version
+dbt-defer was not checked on), nothing is patched: dbt runs unchanged, i.e. its own ``--defer``
+(native behaviour), and the plugin says so in one line when deferral is on
+(``DeferPlugin.initialize``), never a traceback and never a partly patched dbt.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import threading
-from typing import Any, Callable, Optional
-
-import dbt.cli.requires as dbt_requires
-from dbt.compilation import Compiler
-from dbt.context.providers import RuntimeRefResolver
-from dbt.task.base import BaseRunner
-from dbt.task.runnable import GraphRunnableTask
+from typing import Any, Callable, List, Optional, Tuple
 
 from dbt_defer import limits
 
+CHECKED_ON = ("1.8", "1.9", "1.10", "1.11", "1.12")  # dbt-core minors whose internals were checked
+
 _ORIGINALS: dict = {}
+_UNPATCHED: List[str] = []  # what could not be patched (then nothing is patched)
 _ACTIVE: Optional[Any] = None  # the DeferSession of the running invocation
 _ACTIVE_LOCK = threading.Lock()
 
@@ -165,19 +170,91 @@ def _parse_manifest(runtime_config: Any, *args: Any, **kwargs: Any) -> Any:
     return _ORIGINALS["parse_manifest"](runtime_config, *args, **kwargs)
 
 
+# (module, class or None, attribute, the leading parameters the patch relies on, our patch's name)
+_PATCH_POINTS: Tuple[Tuple[str, Optional[str], str, Tuple[str, ...], str], ...] = (
+    ("dbt.task.runnable", "GraphRunnableTask", "run", ("self",), "run"),
+    ("dbt.task.runnable", "GraphRunnableTask", "defer_to_manifest", ("self",), "defer_to_manifest"),
+    ("dbt.context.providers", "RuntimeRefResolver", "create_relation", ("self", "target_model"), "create_relation"),
+    ("dbt.compilation", "Compiler", "_compile_code", ("self", "node"), "compile_code"),
+    ("dbt.task.base", "BaseRunner", "compile_and_execute", ("self", "manifest", "ctx"), "compile_and_execute"),
+    ("dbt.cli.requires", None, "parse_manifest", ("runtime_config",), "parse_manifest"),
+)
+_PATCHES = {
+    "run": _run,
+    "defer_to_manifest": _defer_to_manifest,
+    "create_relation": _create_relation,
+    "compile_code": _compile_code,
+    "compile_and_execute": _compile_and_execute,
+    "parse_manifest": _parse_manifest,
+}
+
+
+def _find(module: str, cls: Optional[str], attr: str, params: Tuple[str, ...]) -> Tuple[Any, Any, str]:
+    """(owner, dbt's function, "") when the patch point is there with the expected parameters;
+    (None, None, what is wrong) otherwise. Never raises."""
+    where = f"{module}.{cls + '.' if cls else ''}{attr}"
+    try:
+        owner: Any = importlib.import_module(module)
+        if cls is not None:
+            owner = getattr(owner, cls)
+            if attr not in vars(owner):  # inherited from elsewhere: not the function we checked
+                return None, None, f"{where} is missing"
+        function = getattr(owner, attr, None)
+        if not callable(function):
+            return None, None, f"{where} is missing"
+        found = tuple(inspect.signature(function).parameters)[: len(params)]
+    except Exception as exc:  # an import error or a signature that cannot be read
+        return None, None, f"{where} cannot be loaded ({type(exc).__name__})"
+    if found != params:
+        return None, None, f"{where} has changed shape (parameters {', '.join(found) or 'none'}, expected {', '.join(params)})"
+    return owner, function, ""
+
+
+def unpatched() -> List[str]:
+    """What could not be patched in the installed dbt (empty: every patch is installed)."""
+    return list(_UNPATCHED)
+
+
+def dbt_version() -> str:
+    try:
+        from dbt.version import __version__
+
+        return str(__version__)
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def checked_on(version: str) -> bool:
+    return ".".join(version.split(".")[:2]) in CHECKED_ON
+
+
+def checked_range() -> str:
+    return f"dbt-core {CHECKED_ON[0]}-{CHECKED_ON[-1]}"
+
+
+def fallback_line() -> str:
+    """The one line a deferred run prints when dbt-defer could not patch the installed dbt."""
+    return (
+        f"dbt-defer: cannot patch dbt-core {dbt_version()} ({'; '.join(_UNPATCHED)}); dbt-defer was "
+        f"checked on {checked_range()}. Falling back to dbt's own --defer: no chain, limits, audit or "
+        "write guard in this run (dbt needs --state or DBT_DEFER_STATE). Fix: install a dbt-core "
+        f"version in {CHECKED_ON[0]}-{CHECKED_ON[-1]} or a dbt-defer release that supports this one."
+    )
+
+
 def apply() -> None:
-    """Install the patches once per process."""
-    if _ORIGINALS:
+    """Install the patches once per process, all or none (see the module's docstring)."""
+    if _ORIGINALS or _UNPATCHED:
         return
-    _ORIGINALS["run"] = GraphRunnableTask.run
-    _ORIGINALS["defer_to_manifest"] = GraphRunnableTask.defer_to_manifest
-    _ORIGINALS["create_relation"] = RuntimeRefResolver.create_relation
-    _ORIGINALS["compile_code"] = Compiler._compile_code
-    _ORIGINALS["compile_and_execute"] = BaseRunner.compile_and_execute
-    _ORIGINALS["parse_manifest"] = dbt_requires.parse_manifest
-    GraphRunnableTask.run = _run
-    GraphRunnableTask.defer_to_manifest = _defer_to_manifest
-    RuntimeRefResolver.create_relation = _create_relation
-    Compiler._compile_code = _compile_code
-    BaseRunner.compile_and_execute = _compile_and_execute
-    dbt_requires.parse_manifest = _parse_manifest
+    found = {}
+    for module, cls, attr, params, name in _PATCH_POINTS:
+        owner, function, problem = _find(module, cls, attr, params)
+        if problem:
+            _UNPATCHED.append(problem)
+        else:
+            found[name] = (owner, attr, function)
+    if _UNPATCHED:
+        return  # nothing patched: dbt unchanged (its own --defer); said once per deferred run
+    for name, (owner, attr, function) in found.items():
+        _ORIGINALS[name] = function
+        setattr(owner, attr, _PATCHES[name])

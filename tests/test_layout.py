@@ -75,3 +75,16 @@ def test_config_imports_nothing_of_ours_and_nothing_of_dbt():
         for alias in node.names
     }
     assert not roots & {"dbt_defer", "dbt", "dbt_common"}, roots
+
+
+def test_every_requirement_has_a_lower_bound():
+    """Issue 22 (14): an unbounded extra let a resolver pick s3fs 0.4.2 (2020). Every dependency
+    and every extra's requirement names a lowest version (>= or ==)."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    requirements = list(project["dependencies"])
+    for extra, reqs in project["optional-dependencies"].items():
+        requirements += reqs
+    unbounded = [r for r in requirements if ">=" not in r and "==" not in r and "~=" not in r]
+    assert unbounded == [], unbounded

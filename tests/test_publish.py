@@ -330,6 +330,25 @@ def test_a_broken_or_escaping_pointer_is_one_clear_line(tmp_path):
         assert text.startswith(f"dbt-defer: environment 'prod': {store}/latest.json is not a dbt-defer publish pointer")
 
 
+def test_a_deeply_nested_pointer_is_an_invalid_pointer_and_never_blocks_publish(tmp_path):
+    """Issue 22 (13): a pointer of deeply nested JSON is "not a dbt-defer publish pointer" (no
+    RecursionError text, no "check the network"), and the next publish replaces it."""
+    store = f"file://{tmp_path}/published/prod"
+    (tmp_path / "published" / "prod").mkdir(parents=True)
+    pointer = tmp_path / "published" / "prod" / "latest.json"
+    pointer.write_text("[" * 60000)
+    with pytest.raises(ManifestError) as err:
+        remote.fetch(spec(store), str(tmp_path / "target"))
+    text = str(err.value)
+    assert "\n" not in text and "Recursion" not in text and "network" not in text
+    assert text.startswith(f"dbt-defer: environment 'prod': {store}/latest.json is not a dbt-defer publish pointer")
+    assert "nested too deeply" in text
+    first = write_artifacts(tmp_path / "run")
+    result = publish_folder(store, tmp_path / "run")
+    assert json.loads(pointer.read_text())["path"] == f"versions/{result.version}"
+    assert cached_pair(remote.fetch(spec(store), str(tmp_path / "target")).local) == (first, first)
+
+
 def test_publish_refuses_stores_and_uris_it_cannot_write(tmp_path, s3_server):
     write_artifacts(tmp_path / "run")
     artifacts = pub.check_artifacts(str(tmp_path / "run"), "shop")

@@ -47,6 +47,8 @@ def parse_pointer(raw: bytes) -> Dict[str, Any]:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise PointerError(f"not valid JSON: {str(exc).splitlines()[0][:120]}") from None
+    except RecursionError:  # "[[[[..." within the size limit: not a pointer, not a network problem
+        raise PointerError("its JSON is nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("path"), str):
         raise PointerError("no version path in it")
     folder, _, name = doc["path"].partition("/")

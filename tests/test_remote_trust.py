@@ -106,6 +106,44 @@ def test_secrets_of_a_state_uri_are_never_shown(state, secrets):
         assert spec(plain).redact(plain) == plain and not uri_secrets(plain)
 
 
+@pytest.mark.parametrize("state", ["https://host/dbt/prod#SecretPW5", "https://host/dbt/prod?sig=abcd#SecretPW5",
+                                   "zip://manifest.json::https://host/prod.zip#SecretPW5"])
+def test_a_uri_fragment_is_a_secret_too(state, tmp_path, clean_env):
+    """Issue 22 (12): a fragment (`#SecretPW5`) is rendered *** like a password or a query string."""
+    assert "SecretPW5" in uri_secrets(state)
+    assert "SecretPW5" not in redact(f"cannot fetch {state} (boom)") and "***" in redact(state)
+    assert redact("see issue #5 and a/b#c") == "see issue #5 and a/b#c"  # not a URI: unchanged
+    port = _free_port()  # nothing listens there
+    env = spec(state.replace("https://host", f"http://127.0.0.1:{port}"))
+    with pytest.raises(ManifestError) as err:
+        remote.fetch(env, str(tmp_path / "target"))
+    assert "SecretPW5" not in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("state", ["s3://AKIAKEYID:wJalrXUt/K7MDENG@bucket/prod", "gs://svc:SECRETKEY@bucket/prod",
+                                   "zip://manifest.json::s3://KEY:SECRETKEY@bucket/prod.zip"])
+def test_credentials_in_an_object_store_uri_are_refused_in_one_line(state, tmp_path, clean_env):
+    """Issue 22 (12): s3fs would read "KEY:SECRET" as a bucket name (a truncated botocore
+    ParamValidationError); instead one line says it is not supported and where credentials go."""
+    from dbt_defer import publish as pub
+
+    with pytest.raises(ManifestError) as err:
+        remote.fetch(spec(state), str(tmp_path / "target"))
+    text = str(err.value)
+    assert "\n" not in text and "bucket name" not in text.lower() and "Parameter validation" not in text
+    assert text.startswith("dbt-defer: environment 'prod': state ") and "has credentials in the URI" in text
+    assert ("AWS_ACCESS_KEY_ID" in text) if "s3://" in state else ("GOOGLE_APPLICATION_CREDENTIALS" in text)
+    for secret in ("wJalrXUt", "K7MDENG", "SECRETKEY"):
+        assert secret not in text
+    if state.startswith(("s3://", "gs://")):
+        write_artifacts(tmp_path / "run")
+        with pytest.raises(pub.PublishError) as published:
+            pub.publish(state, pub.check_artifacts(str(tmp_path / "run"), "shop"))
+        line = str(published.value)
+        assert line.startswith("dbt-defer: nothing published: ") and "has credentials in the URI" in line
+        assert "\n" not in line and "SECRETKEY" not in line and "wJalrXUt" not in line
+
+
 # --- signed URLs: the query string stays at the end --------------------------------------------
 
 

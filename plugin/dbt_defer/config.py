@@ -120,12 +120,14 @@ REDACTED = "***"
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s?#'\"<>@]*@")
 # a URI's query string, up to a space, a quote, a bracket or an fsspec chain separator (::)
 _QUERY = re.compile(r"(?P<uri>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s?'\"<>]*?)\?(?:[^\s'\"<>)\]:]|:(?!:))*")
+# a URI's fragment (#...), which some write a password into: up to the same ends as a query string
+_FRAGMENT = re.compile(r"(?P<uri>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s#'\"<>]*?)#(?:[^\s'\"<>)\]:]|:(?!:))+")
 _MIN_SECRET = 4  # shorter literal values are not replaced everywhere (they would mangle the text)
 
 
 def uri_secrets(state: str) -> Tuple[str, ...]:
-    """The secret parts of a state URI: each segment's user:password and its query string (and the
-    values in it), as written and percent-decoded. Nothing for a local path."""
+    """The secret parts of a state URI: each segment's user:password, its query string (and the
+    values in it) and its fragment, as written and percent-decoded. Nothing for a local path."""
     found = set()
     if not is_uri(state):
         return ()
@@ -133,6 +135,9 @@ def uri_secrets(state: str) -> Tuple[str, ...]:
         scheme, sep, rest = segment.partition("://")
         if not sep:
             continue
+        rest, hash_mark, fragment = rest.partition("#")
+        if hash_mark and fragment:
+            found.add(fragment)
         location, q, query = rest.partition("?")
         if q and query:
             found.add(query)
@@ -154,13 +159,14 @@ def uri_secrets(state: str) -> Tuple[str, ...]:
 
 
 def redact(text: str, secrets: Sequence[str] = ()) -> str:
-    """``text`` without the credentials and query strings of the URIs in it (``***`` instead),
+    """``text`` without the credentials, query strings and fragments of the URIs in it (``***`` instead),
     nor any of ``secrets`` (literal strings, e.g. ``uri_secrets(state)``). One line stays one line."""
     text = str(text)
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, REDACTED + ("@" if secret.endswith("@") else ""))
     text = _USERINFO.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
+    text = _FRAGMENT.sub(lambda m: m.group("uri") + "#" + REDACTED, text)
     return _QUERY.sub(lambda m: m.group("uri") + "?" + REDACTED, text)
 
 

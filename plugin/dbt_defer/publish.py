@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
 
-from dbt_defer.config import redact
+from dbt_defer.config import redact, uri_secrets
 from dbt_defer.manifests import (
     BAD_STATUSES,
     MANIFEST,
@@ -183,7 +183,7 @@ def _sha256(path: str) -> str:
 
 def shown(uri: str) -> str:
     """A URI as it may be printed: no user, password or query string (they may hold secrets)."""
-    return redact(uri)
+    return redact(uri, uri_secrets(uri))
 
 
 def _open_store(uri: str) -> Tuple[Any, str, str]:
@@ -202,7 +202,8 @@ def _open_store(uri: str) -> Tuple[Any, str, str]:
     try:
         fs, path = filesystem("publish", root_uri + "/" + POINTER)
     except ManifestError as exc:
-        raise PublishError(str(exc).replace("environment 'publish': cannot read", "cannot publish to")) from None
+        text = str(exc).replace("environment 'publish': cannot read", "cannot publish to")
+        raise PublishError(text.replace("environment 'publish': state", "nothing published:", 1)) from None
     return fs, path.rsplit("/", 1)[0], root_uri
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from dbt_defer.config import MAX_STATE_MB_VAR, DeferConfigError, one_line, redact
+from dbt_defer.config import MAX_STATE_MB_VAR, DeferConfigError, one_line, redact, uri_secrets
 from dbt_defer.config import max_state_bytes as config_max_state_bytes
 from dbt_defer.manifests import MANIFEST, ManifestError
 
@@ -28,6 +28,11 @@ DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 24 * 3600.0
 MAX_STATE_ENV = MAX_STATE_MB_VAR  # per downloaded file, after decoding
 _CHUNK = 1024 * 1024
+# object stores whose fsspec implementation takes no user:password@ in the URI (s3fs would read
+# "KEY:SECRET" as a bucket name): where their credentials go instead
+_S3_CREDENTIALS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment"
+_GCS_CREDENTIALS = "GOOGLE_APPLICATION_CREDENTIALS (a service account key file) or gcloud's default login"
+_CREDENTIALS_FROM = {"s3": _S3_CREDENTIALS, "s3a": _S3_CREDENTIALS, "gs": _GCS_CREDENTIALS, "gcs": _GCS_CREDENTIALS}
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
 
 
@@ -108,7 +113,7 @@ def storage_options(uri: str, timeout: Optional[float] = None) -> Dict[str, Any]
 def filesystem(env_name: str, uri: str, timeout: Optional[float] = None) -> Tuple[Any, str]:
     """(filesystem, path) of a URI; a missing implementation or an unknown protocol: one line.
     Other failures (a store that cannot be reached while it is set up) are raised as they are."""
-    shown = redact(uri)
+    shown = redact(uri, uri_secrets(uri))
     try:
         import fsspec
     except ImportError:  # pragma: no cover - fsspec is a dependency
@@ -118,6 +123,14 @@ def filesystem(env_name: str, uri: str, timeout: Optional[float] = None) -> Tupl
         ) from None
     protocols = [seg.split("://", 1)[0].lower() for seg in uri.split("::") if "://" in seg]
     protocol = protocols[0] if protocols else uri.split("://", 1)[0].lower()
+    for segment in uri.split("::"):
+        scheme = segment.split("://", 1)[0].lower() if "://" in segment else ""
+        if scheme in _CREDENTIALS_FROM and any(part.endswith("@") for part in uri_secrets(segment)):
+            raise ManifestError(
+                f"dbt-defer: environment '{env_name}': state {shown} has credentials in the URI, which "
+                f"{scheme}:// does not support; remove them from the URI and give them as "
+                f"{_CREDENTIALS_FROM[scheme]}"
+            )
     try:
         return fsspec.core.url_to_fs(uri, **storage_options(uri, timeout))
     except ImportError as exc:

@@ -144,6 +144,40 @@ def test_credentials_in_an_object_store_uri_are_refused_in_one_line(state, tmp_p
         assert "\n" not in line and "SECRETKEY" not in line and "wJalrXUt" not in line
 
 
+def test_fetch_json_holds_no_hash_of_a_uri_with_its_secrets(tmp_path, clean_env):
+    """Issue 22 (10): fetch.json kept sha256 of the URI with its password (a wordlist recovers it);
+    it hashes only the redacted form."""
+    import hashlib
+
+    root = tmp_path / "www"
+    write_manifest(root / "prod")
+    write_run_results(root / "prod")
+    server = Server(root)
+    try:
+        host = server.url.split("://", 1)[1]
+        state = f"http://reader:SecretPW5@{host}/prod?token=T0KENsecret#Frag5ecret"
+        result = remote.fetch(spec(state), str(tmp_path / "target"))
+    finally:
+        server.stop()
+    text = (Path(result.local).parent / "fetch.json").read_text()
+    raw_forms = {state, store.manifest_uri(state), state.split("#")[0], store.manifest_uri(state.split("#")[0])}
+    for raw in raw_forms:
+        assert hashlib.sha256(raw.encode()).hexdigest() not in text, raw
+    for secret in ("SecretPW5", "T0KENsecret", "Frag5ecret"):
+        assert secret not in text
+    meta = json.loads(text)
+    shown = redact(store.manifest_uri(state))
+    assert meta["uri_sha256"] == hashlib.sha256(shown.encode()).hexdigest()
+    # the copy is still recognised as this state's: unchanged on the next fetch
+    server = Server(root)
+    try:
+        state = state.replace(host, server.url.split("://", 1)[1])
+        assert remote.fetch(spec(state), str(tmp_path / "target2")).action == "downloaded"
+        assert remote.fetch(spec(state), str(tmp_path / "target2")).action == "unchanged"
+    finally:
+        server.stop()
+
+
 # --- signed URLs: the query string stays at the end --------------------------------------------
 
 

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
 from dbt_defer import localfiles
+from dbt_defer.config import redact, uri_secrets
 from dbt_defer.localfiles import remove, replace_atomically
 from dbt_defer.manifests import MANIFEST, RUN_RESULTS, ManifestError, format_age, load_manifest, parse_timestamp
 
@@ -48,7 +49,11 @@ def cache_dir(target_path: str, env_name: str) -> str:
 
 
 def uri_id(uri: str) -> str:
-    return hashlib.sha256(uri.encode("utf-8")).hexdigest()
+    """What fetch.json keeps to recognise a URI: a hash of its redacted form only (SPEC §7: no
+    hash of a secret; an unsalted hash of a URI with its password gives the password to a
+    wordlist). URIs that differ only in credentials, query string or fragment share it; their
+    fingerprints (ETag, size, ...) still tell their contents apart."""
+    return hashlib.sha256(redact(uri, uri_secrets(uri)).encode("utf-8")).hexdigest()
 
 
 def fingerprint(info: Dict[str, Any]) -> Dict[str, str]:

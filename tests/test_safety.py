@@ -16,6 +16,7 @@ import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -444,6 +445,33 @@ def test_stale_manifest_warns_with_its_age(envs, tmp_path):
     assert not [w for w in warnings(quiet) if "old" in w]
     fresh = envs.dbt("compile", "-s", "customers", env=PROD_ONLY)
     assert not [w for w in warnings(fresh) if "old" in w]
+
+
+def test_a_manifest_dated_in_the_future_warns(envs, tmp_path):
+    """Issue 22 (9): generated_at 9999-12-31 was never stale; ahead of now by more than a small
+    clock skew warns (with the path), and `dbt-defer status` does not call it fresh."""
+    from dbt_defer import chain
+    from dbt_defer.config import EnvironmentSpec
+    from dbt_defer.manifests import load_manifest
+
+    folder = _copy_state(envs, tmp_path, "prod-artifacts")
+    data = json.loads((folder / "manifest.json").read_text())
+    data["metadata"]["generated_at"] = "9999-12-31T00:00:00.000000Z"
+    (folder / "manifest.json").write_text(json.dumps(data))
+    env = {**PROD_ONLY, "DBT_DEFER_PROD_STATE": str(folder)}
+
+    result = envs.dbt("compile", "-s", "customers", env=env)
+    [warning] = [w for w in warnings(result) if "in the future" in w]
+    assert "environment 'prod'" in warning and str(folder / "manifest.json") in warning
+    assert "9999-12-31" in warning and "clock" in warning
+
+    spec = EnvironmentSpec("prod", str(folder), "vars")
+    loaded = load_manifest("prod", str(folder / "manifest.json"))
+    now = datetime.now(timezone.utc)
+    skewed = replace(loaded, generated_at=(now + timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    assert chain.stale_warning(spec, skewed, 72.0, now=now) is None  # two minutes: clock skew
+    ahead = replace(loaded, generated_at=(now + timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    assert "in the future" in chain.stale_warning(spec, ahead, 72.0, now=now)
 
 
 @pytest.mark.parametrize("status", ["error", "fail", "skipped"])

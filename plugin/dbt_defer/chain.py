@@ -289,7 +289,16 @@ def load_chain(specs: Sequence[EnvironmentSpec], target_path: str, project_name:
 
 
 def stale_warning(spec: EnvironmentSpec, manifest: LoadedManifest, max_age_hours: float, now=None) -> Optional[str]:
-    """The warning line for a manifest older than max_age_hours, or None."""
+    """The warning line for a manifest older than max_age_hours, or dated in the future (by more
+    than a small clock skew: it would never be stale), or None."""
+    ahead = manifest.ahead_hours(now)
+    if ahead is not None:
+        return (
+            f"dbt-defer: environment '{spec.name}' manifest {manifest.path} is dated in the future "
+            f"(generated_at {manifest.generated_at}, {format_age(ahead)} ahead of this machine's clock), so "
+            f"max_age_hours ({max_age_hours:g}) can never call it stale: check the clock of the machine that "
+            "produced it and regenerate that environment's artifacts"
+        )
     age = manifest.age_hours(now)
     if age is None or not age > max_age_hours:
         return None

@@ -87,12 +87,28 @@ class LoadedManifest:
     def generated_datetime(self) -> Optional[datetime]:
         return parse_timestamp(self.generated_at)
 
+    def ahead_hours(self, now: Optional[datetime] = None) -> Optional[float]:
+        """Hours generated_at is in the future (beyond the allowed clock skew), else None."""
+        return ahead_hours(self.generated_datetime(), now)
+
     def age_hours(self, now: Optional[datetime] = None) -> Optional[float]:
         generated = self.generated_datetime()
         if generated is None:
             return None
         now = now or datetime.now(timezone.utc)
         return max(0.0, (now - generated).total_seconds() / 3600.0)
+
+
+FUTURE_SKEW_MINUTES = 5.0  # clocks of two machines may differ this much; more ahead of now warns
+
+
+def ahead_hours(generated: Optional[datetime], now: Optional[datetime] = None) -> Optional[float]:
+    """How far ``generated`` is ahead of now, in hours, when that is more than the clock skew
+    allowed (FUTURE_SKEW_MINUTES); None otherwise."""
+    if generated is None:
+        return None
+    ahead = (generated - (now or datetime.now(timezone.utc))).total_seconds() / 3600.0
+    return ahead if ahead * 60.0 > FUTURE_SKEW_MINUTES else None
 
 
 def parse_timestamp(value: str) -> Optional[datetime]:

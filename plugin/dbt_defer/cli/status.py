@@ -82,7 +82,8 @@ def _environment_row(ctx: ProjectContext, spec: EnvironmentSpec, problems: List[
         age_hours=None if age is None else round(age, 2),
         dbt_version=manifest.dbt_version,
         nodes=manifest.node_count,
-        stale=bool(age is not None and age > ctx.cfg.max_age_hours),
+        # dated in the future (beyond clock skew): its age cannot be judged, so not fresh either
+        stale=bool(age is not None and age > ctx.cfg.max_age_hours) or manifest.ahead_hours() is not None,
         usable=True,
     )
     return row

@@ -178,6 +178,96 @@ def test_fetch_json_holds_no_hash_of_a_uri_with_its_secrets(tmp_path, clean_env)
         server.stop()
 
 
+# --- run results: only a clean not-found means "none" (issue 22, item 7) ------------------------
+
+
+class BrokenResultsHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; run_results.json answers ``status`` (500, 403) while ``broken`` is set."""
+
+    broken: Dict[str, int] = {}
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        code = self.broken.get("status")
+        if code and self.path.endswith("/run_results.json"):
+            self.send_error(code)
+            return None
+        return super().send_head()
+
+
+@pytest.mark.parametrize("status", [500, 403])
+def test_an_unreadable_run_results_is_not_absent_and_the_old_pair_is_kept(tmp_path, clean_env, status):
+    """prod's run_results records orders as failed; later its run_results.json cannot be read
+    (a server error, denied). Reading on without it would defer to the failed node: the fetch
+    fails and the cached pair (with the failure) stays, with one warning naming run_results.json."""
+    root = tmp_path / "www"
+    write_manifest(root / "prod")
+    write_run_results(root / "prod", status="error")
+    broken: Dict[str, int] = {}
+    httpd, url = _serve(type("H", (BrokenResultsHandler,), {"broken": broken}), root)
+    target = str(tmp_path / "target")
+    try:
+        first = remote.fetch(spec(f"{url}/prod"), target)
+        assert first.action == "downloaded" and first.run_results
+        write_manifest(root / "prod", generated_at="2024-02-01T00:00:00Z", extra_node=True)
+        broken["status"] = status
+        warnings: List[str] = []
+        second = remote.fetch(spec(f"{url}/prod"), target, warn=warnings.append)
+    finally:
+        _stop(httpd)
+    assert second.action == "cached (unreachable)" and second.local == first.local
+    [line] = warnings
+    one_line(line)
+    assert f"{url}/prod/run_results.json" in line and str(status) in line
+    results = json.loads((Path(second.local) / "run_results.json").read_text())
+    assert results["results"][0]["status"] == "error"
+    assert "model.shop.customers" not in (Path(second.local) / "manifest.json").read_text()
+
+
+def _published_store(tmp_path):
+    from test_publish import publish_folder
+
+    store_uri = f"file://{tmp_path}/published/prod"
+    v1 = write_artifacts(tmp_path / "run1")
+    publish_folder(store_uri, tmp_path / "run1")
+    target = str(tmp_path / "target")
+    assert cached_pair(remote.fetch(spec(store_uri), target).local) == (v1, v1)
+    v2 = write_artifacts(tmp_path / "run2", statuses={"model.shop.orders": "error"})
+    result = publish_folder(store_uri, tmp_path / "run2")
+    return store_uri, target, v1, v2, tmp_path / "published" / "prod" / "versions" / result.version
+
+
+def test_run_results_the_pointer_lists_are_never_optional(tmp_path, clean_env):
+    store_uri, target, v1, _, version = _published_store(tmp_path)
+    (version / "run_results.json").unlink()
+    warnings: List[str] = []
+    result = remote.fetch(spec(store_uri), target, warn=warnings.append)
+    assert result.action == "cached (unreachable)" and cached_pair(result.local) == (v1, v1)
+    [line] = warnings
+    assert "run_results.json (not found, though latest.json lists it)" in one_line(line)
+    with pytest.raises(ManifestError) as err:  # and with no cached copy: one line, nothing half-cached
+        remote.fetch(spec(store_uri), str(tmp_path / "empty-target"))
+    assert "lists it" in one_line(str(err.value))
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "run_results.json"])
+def test_a_published_file_that_does_not_match_its_sha256_is_refused(tmp_path, clean_env, name):
+    store_uri, target, v1, _, version = _published_store(tmp_path)
+    other = write_artifacts(tmp_path / "other")  # valid artifacts, but not what was published
+    data = json.loads((tmp_path / "other" / name).read_text())
+    data["metadata"]["invocation_id"] = json.loads((version / name).read_text())["metadata"]["invocation_id"]
+    (version / name).write_text(json.dumps(data))
+    assert other
+    with pytest.raises(ManifestError) as err:
+        remote.fetch(spec(store_uri), target)
+    text = one_line(str(err.value))
+    assert f"{store_uri}/versions/{version.name}/{name} does not match the sha256" in text
+    assert "the cached copy was kept" in text
+    assert cached_pair(state_cache.cached_folder(target, "prod")) == (v1, v1)
+
+
 # --- signed URLs: the query string stays at the end --------------------------------------------
 
 

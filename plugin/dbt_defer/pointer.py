@@ -22,6 +22,7 @@ from dbt_defer.manifests import MANIFEST
 POINTER = "latest.json"
 PUBLISHED_VERSIONS = "versions"
 POINTER_MAX_BYTES = 64 * 1024
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 VERSION_NAME = re.compile(r"^(?P<time>[0-9]{8}T[0-9]{6}(?:[0-9]{6})?Z)-(?P<invocation>[A-Za-z0-9_.-]{1,100})$")
 
 
@@ -56,6 +57,13 @@ def parse_pointer(raw: bytes) -> Dict[str, Any]:
         raise PointerError(
             f"its version path {doc['path'][:80]!r} is not {PUBLISHED_VERSIONS}/<UTC time>-<invocation id>"
         )
+    files = doc.get("files")
+    if files is not None and not (
+        isinstance(files, dict)
+        and all(isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])
+                for entry in files.values())
+    ):
+        raise PointerError("its files entry is not {name: {sha256, size}}")
     return doc
 
 

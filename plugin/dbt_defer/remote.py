@@ -30,12 +30,13 @@ Credentials and query strings of a state URI never leave this module unredacted 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from dbt_defer.config import EnvironmentSpec, redact
 from dbt_defer.manifests import MANIFEST, RUN_RESULTS, ManifestError, load_manifest, project_id_for
@@ -60,6 +61,7 @@ from dbt_defer.store import (
     Deadline,
     FetchTimeout,
     TooLarge,
+    clean_not_found,
     download,
     fetch_timeout,
     filesystem,
@@ -163,9 +165,10 @@ def _fetch(
         )
 
     try:
-        spec = _follow_pointer(spec, deadline, timeout)
+        spec, published = _follow(spec, deadline, timeout)
     except _Unreachable as exc:
         return fallback(original.redact(f"{pointer_root(original.state)}/{POINTER}"), exc.reason)
+    listed = published_files(published)  # name -> sha256 the publisher recorded (remote input, checked)
     uri = manifest_uri(spec.state)
     shown = original.redact(uri)
     same_uri = meta is not None and meta.get("uri_sha256", uri_id(str(meta.get("uri")))) == uri_id(uri)
@@ -179,13 +182,18 @@ def _fetch(
         return fallback(shown, reason(exc))
 
     results_path = sibling(path, RUN_RESULTS)
+    results_shown = sibling(shown, RUN_RESULTS)
     results_fp: Optional[Dict[str, str]]
     try:
         results_fp = fingerprint(deadline.run(lambda: fs.info(results_path)))
-    except FetchTimeout as exc:
-        return fallback(shown, reason(exc))
-    except Exception:
-        results_fp = None  # no run_results.json beside the manifest (or not readable): optional
+    except Exception as exc:
+        # only a clean not-found means "no run results", and never when the pointer lists them;
+        # denied, a server error, too slow: not "absent" (SPEC §7), the old pair is kept
+        if not clean_not_found(exc):
+            return fallback(results_shown, reason(exc))
+        if RUN_RESULTS in listed:
+            return fallback(results_shown, f"not found, though {POINTER} lists it")
+        results_fp = None
 
     if (
         not force
@@ -210,8 +218,12 @@ def _fetch(
                     download(deadline, fs, results_path, os.path.join(incoming, RUN_RESULTS), cap)
                 except (FetchTimeout, TooLarge):
                     raise
-                except Exception:
-                    pass  # optional; vanished between info() and get()
+                except Exception as exc:
+                    if not clean_not_found(exc):
+                        return fallback(results_shown, reason(exc))
+                    if RUN_RESULTS in listed:
+                        return fallback(results_shown, f"not found, though {POINTER} lists it")
+                    results_fp = None  # removed between info() and get(): a clean not-found
         except TooLarge as exc:
             which = shown if exc.path == path else sibling(shown, RUN_RESULTS)
             raise ManifestError(
@@ -221,6 +233,7 @@ def _fetch(
             ) from None
         except Exception as exc:
             return fallback(shown, reason(exc))
+        _check_published(spec.name, incoming, shown, listed)
         _verify(spec.name, incoming, shown, project_name)
         version = new_version()
         os.replace(incoming, os.path.join(root, version))
@@ -242,6 +255,34 @@ def _fetch(
     return FetchResult(
         spec.name, shown, os.path.join(root, version), "downloaded", fetched_at, results_fp is not None
     )
+
+
+def published_files(doc: Optional[Dict[str, Any]]) -> Dict[str, str]:
+    """manifest.json / run_results.json -> the sha256 a publish pointer lists for it (checked by
+    ``pointer.parse_pointer``); empty without a pointer."""
+    files = (doc or {}).get("files") or {}
+    return {name: entry["sha256"] for name, entry in files.items() if name in (MANIFEST, RUN_RESULTS)}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_published(env_name: str, incoming: str, shown: str, listed: Dict[str, str]) -> None:
+    """Each downloaded file the pointer lists has the sha256 the publisher recorded; anything
+    else (a file changed or truncated after publishing) is one line, and the cache is kept."""
+    for name, expected in sorted(listed.items()):
+        local = os.path.join(incoming, name)
+        if os.path.isfile(local) and _sha256(local) != expected:
+            raise ManifestError(
+                f"dbt-defer: environment '{env_name}': {sibling(shown, name)} does not match the sha256 its "
+                f"{POINTER} lists (changed after it was published); the cached copy was kept; publish that "
+                "environment's artifacts again"
+            )
 
 
 def _same_state(meta: Dict[str, Any], state: str) -> bool:
@@ -291,14 +332,19 @@ def _redact_for(spec: EnvironmentSpec, text: str) -> str:
     return redact(text) if callable(redact) else text
 
 
-def _follow_pointer(
+def _follow_pointer(spec: EnvironmentSpec, deadline: Deadline, timeout: float) -> EnvironmentSpec:
+    return _follow(spec, deadline, timeout)[0]
+
+
+def _follow(
     spec: EnvironmentSpec, deadline: Deadline, timeout: float
-) -> EnvironmentSpec:
-    """``spec`` with its state moved to the version folder its publish pointer names, if any.
+) -> Tuple[EnvironmentSpec, Optional[Dict[str, Any]]]:
+    """(``spec`` with its state moved to the version folder its publish pointer names, the
+    pointer), or (``spec``, None) without a pointer.
     _Unreachable: the pointer could not be read (the caller falls back to the cache)."""
     root = pointer_root(spec.state)
     if root is None:
-        return spec
+        return spec, None
     try:
         fs, path = deadline.run(lambda: filesystem(spec.name, root + "/" + POINTER, timeout))
         doc = deadline.run(lambda: read_pointer(fs, path.rsplit("/", 1)[0]))
@@ -313,8 +359,8 @@ def _follow_pointer(
     except Exception as exc:
         raise _Unreachable(reason(exc)) from None
     if doc is None:
-        return spec
-    return replace(spec, state=f"{root}/{doc['path']}")
+        return spec, None
+    return replace(spec, state=f"{root}/{doc['path']}"), doc
 
 
 def follow_pointer(spec: EnvironmentSpec, target_path: str) -> EnvironmentSpec:

@@ -244,6 +244,26 @@ def reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def clean_not_found(exc: BaseException) -> bool:
+    """The store said plainly that the file is not there (404, no such key or file), and
+    nothing else went wrong: fsspec's http(s) raises FileNotFoundError for any failed request
+    (a 500, a 403, a refused connection), with the real error as its cause."""
+    seen = _chain(exc)
+    for e in seen:
+        status = getattr(e, "status", None)
+        code = str(((getattr(e, "response", None) or {}).get("Error") or {}).get("Code", "")) \
+            if isinstance(getattr(e, "response", None), dict) else ""
+        if code:  # botocore's ClientError
+            if code not in ("404", "NoSuchKey", "NotFound"):
+                return False
+        elif status is not None:
+            if status != 404:
+                return False
+        elif not isinstance(e, FileNotFoundError):
+            return False
+    return isinstance(exc, FileNotFoundError) or getattr(exc, "status", None) == 404
+
+
 def fetch_timeout_or_default() -> float:
     try:
         return fetch_timeout()

@@ -512,6 +512,40 @@ def test_publish_then_fetch_then_a_deferred_run(built, store, capsys):
     assert p.query(count.format(p.schema("dev")))[0][0] == p.query(count.format(p.schema("prod")))[0][0] > 0
 
 
+def test_publish_uploads_no_secret_of_vars_or_the_invocation_command(built, tmp_path, capsys):
+    """Issue 22 (11): dbt writes --vars into run_results.json (args.vars, args.invocation_command);
+    publish uploads it for every reader, so URI credentials, query strings and fragments in it
+    are uploaded as ***, and the pointer's sha256 is of what was uploaded (a reader verifies it)."""
+    p = built
+    state = "https://reader:SecretPW5@host.example/prod?token=T0KENsecret#Frag5ecret"
+    bucket = "s3://AKIAKEYID:wJalrXUt/K7MDENG@bucket/prod"
+    vars_ = json.dumps({"my_state": state, "nested": {"list": [bucket, "plain value"]}})
+    p.dbt("seed", "--target", "staging", "-s", "raw_orders", "--vars", vars_, "--target-path", "vars-target")
+    results_path = p.root / "vars-target" / "run_results.json"
+    local = json.loads(results_path.read_text())
+    assert local["args"]["vars"]["my_state"] == state  # what dbt wrote (and keeps locally)
+    # in-process, dbt records pytest's argv as the command: the command line a shell would give
+    local["args"]["invocation_command"] = f"dbt seed --target staging --vars '{vars_}'"
+    results_path.write_text(json.dumps(local))
+    store = f"file://{tmp_path}/store/staging"
+    code, out, err = run_cli(capsys, p, "publish", store, "--env", "staging", "--target-path", "vars-target")
+    assert code == 0, err
+    assert "still hold --vars" in err and "SecretPW5" not in out + err
+    pointer = json.loads(read(f"{store}/latest.json"))
+    uploaded = read(f"{store}/{pointer['path']}/run_results.json")
+    for secret in ("SecretPW5", "T0KENsecret", "Frag5ecret", "wJalrXUt", "K7MDENG"):
+        assert secret.encode() not in uploaded, secret
+    args = json.loads(uploaded)["args"]
+    assert args["vars"]["my_state"] == "https://***@host.example/prod?***"
+    assert args["vars"]["nested"]["list"][1] == "plain value"
+    assert "***" in args["invocation_command"] and "seed" in args["invocation_command"]
+    import hashlib
+
+    assert pointer["files"]["run_results.json"]["sha256"] == hashlib.sha256(uploaded).hexdigest()
+    fetched = remote.fetch(spec(store, "staging"), str(tmp_path / "target"))
+    assert b"SecretPW5" not in (Path(fetched.local) / "run_results.json").read_bytes()
+
+
 def test_a_failed_run_is_published_unless_only_success(built, tmp_path, capsys):
     """Staging's last run of orders failed: published, its failure sends readers on to prod."""
     p = built

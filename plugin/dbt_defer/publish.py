@@ -95,6 +95,9 @@ class Artifacts:
     target: Optional[str]  # the --target of the run, when it was given
     results: int
     failed: Dict[str, str] = field(default_factory=dict)  # unique_id -> error/fail/skipped/...
+    # run_results.json as it is uploaded when its args held secrets (redacted), else None
+    run_results_redacted: Optional[bytes] = None
+    redacted: int = 0  # how many values of args (vars, invocation_command) were redacted
 
     @property
     def manifest_path(self) -> str:
@@ -155,7 +158,65 @@ def check_artifacts(folder: str, project_name: Optional[str], *, is_compatible=N
         r.unique_id: r.status for r in results.results if r.status and r.status.lower() in BAD_STATUSES
     }
     args = results.args or _Args()
-    return Artifacts(folder, manifest, invocation, args.which, args.target, len(results.results), failed)
+    uploaded, count = redact_run_results(results_path)
+    return Artifacts(folder, manifest, invocation, args.which, args.target, len(results.results), failed,
+                     uploaded, count)
+
+
+def _strings(value: Any) -> List[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _redact_strings(value: Any, secrets: Tuple[str, ...], counter: List[int]) -> Any:
+    if isinstance(value, str):
+        shown = redact(value, secrets)
+        if shown != value:
+            counter[0] += 1
+        return shown
+    if isinstance(value, dict):
+        return {k: _redact_strings(v, secrets, counter) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_strings(v, secrets, counter) for v in value]
+    return value
+
+
+def redact_run_results(path: str) -> Tuple[Optional[bytes], int]:
+    """run_results.json's ``args`` (``vars``, ``invocation_command``, every other string in it)
+    with the credentials, query strings and fragments of URIs rendered ``***`` (the rules of
+    ``config.redact``, also where a URI's secret is repeated without the URI): what dbt wrote of
+    ``--vars`` is uploaded for every reader. (the bytes to upload, how many values changed);
+    (None, 0) when nothing in ``args`` is secret."""
+    with open(path, "rb") as fh:
+        doc = msgspec.json.decode(fh.read())
+    if not isinstance(doc, dict) or not isinstance(doc.get("args"), dict):
+        return None, 0
+    secrets = tuple(sorted(
+        {secret for text in _strings(doc["args"]) for word in text.split() for secret in _uri_secrets_in(word)},
+        key=len, reverse=True,
+    ))
+    counter = [0]
+    args = _redact_strings(doc["args"], secrets, counter)
+    if not counter[0]:
+        return None, 0
+    doc["args"] = args
+    return msgspec.json.encode(doc), counter[0]
+
+
+def _uri_secrets_in(word: str) -> Tuple[str, ...]:
+    """The secret parts of a URI inside one word of text (quotes and JSON punctuation around it)."""
+    start = word.find("://")
+    if start < 0:
+        return ()
+    begin = start
+    while begin > 0 and (word[begin - 1].isalnum() or word[begin - 1] in "+.-"):
+        begin -= 1
+    return uri_secrets(word[begin:].rstrip("'\",}]);"))
 
 
 # --- the store -----------------------------------------------------------------------------
@@ -250,8 +311,13 @@ def publish(
         if not is_object_store(fs):
             fs.makedirs(folder, exist_ok=True)
         for filename, local in ((MANIFEST, artifacts.manifest_path), (RUN_RESULTS, artifacts.run_results_path)):
-            fs.put_file(local, f"{folder}/{filename}")
-            size = os.path.getsize(local)
+            data = artifacts.run_results_redacted if filename == RUN_RESULTS else None
+            if data is not None:  # its args held secrets: the redacted copy is what readers get
+                fs.pipe_file(f"{folder}/{filename}", data)
+                size, digest = len(data), hashlib.sha256(data).hexdigest()
+            else:
+                fs.put_file(local, f"{folder}/{filename}")
+                size, digest = os.path.getsize(local), _sha256(local)
             try:
                 fs.invalidate_cache(f"{folder}/{filename}")
             except Exception:
@@ -259,7 +325,7 @@ def publish(
             uploaded = fs.info(f"{folder}/{filename}").get("size")
             if uploaded is not None and int(uploaded) != size:
                 raise OSError(f"{filename} has {uploaded} bytes there, {size} here")
-            files[filename] = {"size": size, "sha256": _sha256(local)}
+            files[filename] = {"size": size, "sha256": digest}
     except NotImplementedError:
         raise PublishError(
             f"dbt-defer: nothing published: {where} cannot be written through fsspec (read-only store); "

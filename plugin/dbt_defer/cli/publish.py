@@ -122,6 +122,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
             say(f"dbt-defer: {where}/{pointer.POINTER} now names it: readers with state {where} get this pair")
         if result.prune_problem is None:
             say(f"dbt-defer: kept {len(result.kept)} version(s) (--keep {args.keep}), removed {len(result.removed)}")
+    if artifacts.redacted and not result.already:
+        warn(
+            f"dbt-defer: note: {artifacts.redacted} value(s) of run_results.json args (--vars, invocation_command) "
+            "held URI credentials, a query string or a fragment: uploaded as ***; dbt's own logs (logs/dbt.log) "
+            "still hold --vars, so pass secrets in environment variables rather than --vars"
+        )
     if result.prune_problem is not None:
         warn(
             f"dbt-defer: published, but old versions under {where}/{pointer.PUBLISHED_VERSIONS}/ were not pruned "

@@ -272,6 +272,58 @@ def test_prune_keeps_the_newest_k_and_never_the_pointers_version(store, tmp_path
     assert "versions/README/manifest.json" in listing(store)
 
 
+def test_an_older_run_never_replaces_a_newer_one(store, tmp_path):
+    """Issue 22 (8): the pointer names a run whose manifest is newer: an older run's publish
+    uploads nothing and moves nothing, in one line."""
+    newer = write_artifacts(tmp_path / "new", generated_at="2024-02-01T00:00:00Z")
+    publish_folder(store, tmp_path / "new")
+    write_artifacts(tmp_path / "old", generated_at="2024-01-01T00:00:00Z")
+    before = listing(store)
+    with pytest.raises(pub.PublishError) as err:
+        publish_folder(store, tmp_path / "old")
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("dbt-defer: nothing published: ")
+    assert "names a newer run" in line and "2024-02-01T00:00:00Z" in line
+    assert json.loads(read(f"{store}/latest.json"))["invocation_id"] == newer
+    assert listing(store) == before
+
+
+@pytest.mark.parametrize("a_is_newer", [True, False])
+def test_concurrent_publishers_never_leave_the_pointer_at_a_pruned_version(store, tmp_path, monkeypatch, a_is_newer):
+    """Issue 22 (8): publisher A reads the pointer and uploads; publisher B publishes in full
+    (moves the pointer, prunes with --keep 1, which removes A's upload); then A moves the pointer.
+    Before: A's write named the version B had pruned (readers: "not found"), or A's older run
+    replaced B's newer one. Now A's write is conditional: A sees B's pointer, and either uploads
+    again under a later name and points at that (A newer) or gives up (A older)."""
+    write_artifacts(tmp_path / "base", generated_at="2024-01-01T00:00:00Z")
+    publish_folder(store, tmp_path / "base", keep=1)
+    a = write_artifacts(tmp_path / "a", generated_at="2024-03-01T00:00:00Z" if a_is_newer else "2024-02-01T00:00:00Z")
+    b = write_artifacts(tmp_path / "b", generated_at="2024-02-15T00:00:00Z")
+    real = pub.write_pointer
+    calls = []
+
+    def racing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:  # A, about to move the pointer: B publishes from start to end first
+            publish_folder(store, tmp_path / "b", keep=1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pub, "write_pointer", racing)
+    if a_is_newer:
+        publish_folder(store, tmp_path / "a", keep=1)
+    else:
+        with pytest.raises(pub.PublishError) as err:
+            publish_folder(store, tmp_path / "a", keep=1)
+        assert "names a newer run" in str(err.value) and str(err.value).startswith("dbt-defer: not published: ")
+    pointer = json.loads(read(f"{store}/latest.json"))
+    winner = a if a_is_newer else b
+    assert pointer["invocation_id"] == winner
+    assert f"{pointer['path']}/manifest.json" in listing(store)
+    versions = {p.split("/")[1] for p in listing(store) if p.startswith("versions/")}
+    assert versions == {pointer["version"]}  # --keep 1: the loser's upload is gone too
+    assert cached_pair(remote.fetch(spec(store), str(tmp_path / "target")).local) == (winner, winner)
+
+
 def test_republishing_a_run_whose_version_was_deleted_uploads_it_again(tmp_path):
     store = f"file://{tmp_path}/published/prod"
     invocation = write_artifacts(tmp_path / "run")

@@ -11,11 +11,14 @@ version names and pruning. May not touch: what is published (``publish``), fetch
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from dbt_defer.manifests import MANIFEST
 
@@ -67,23 +70,84 @@ def parse_pointer(raw: bytes) -> Dict[str, Any]:
     return doc
 
 
-def read_pointer(fs: Any, root_path: str) -> Optional[Dict[str, Any]]:
-    """The pointer in a folder of ``fs``; None when there is none. ValueError: not a pointer."""
-    path = root_path.rstrip("/") + "/" + POINTER
+def _read_raw(fs: Any, path: str) -> Optional[bytes]:
+    """The pointer's bytes (at most the limit + 1); None when there is none."""
     try:
         fs.invalidate_cache(path)  # never an answer cached by an earlier call in this process
     except Exception:
         pass
     try:
         with fs.open(path, "rb") as fh:
-            raw = fh.read(POINTER_MAX_BYTES + 1)
+            return fh.read(POINTER_MAX_BYTES + 1)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
         return None  # S3 and GCS answer 403 for a missing object to readers without the list right
     except Exception as exc:
         if getattr(exc, "status", None) in (403, 404):  # http(s): aiohttp's ClientResponseError
             return None
         raise
-    return parse_pointer(raw)
+
+
+def read_pointer(fs: Any, root_path: str) -> Optional[Dict[str, Any]]:
+    """The pointer in a folder of ``fs``; None when there is none. ValueError: not a pointer."""
+    raw = _read_raw(fs, root_path.rstrip("/") + "/" + POINTER)
+    return None if raw is None else parse_pointer(raw)
+
+
+@dataclass(frozen=True)
+class PointerRead:
+    """What a publisher read of the pointer, to replace it only if it is still that (SPEC §7)."""
+
+    doc: Optional[Dict[str, Any]]  # None: no pointer, or not a valid one
+    raw: Optional[bytes]  # None: no pointer object at all
+    etag: Optional[str] = None  # S3: the object's ETag when it was read
+
+
+class PointerConflict(Exception):
+    """The pointer changed since it was read (another publisher): read it again and decide again."""
+
+
+def _is_s3(fs: Any) -> bool:
+    protocol = fs.protocol
+    return bool(({protocol} if isinstance(protocol, str) else set(protocol)) & {"s3", "s3a"})
+
+
+def _is_local(fs: Any) -> bool:
+    try:
+        from fsspec.implementations.local import LocalFileSystem
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(fs, LocalFileSystem)
+
+
+def _etag(fs: Any, path: str) -> Optional[str]:
+    try:
+        fs.invalidate_cache(path)
+    except Exception:
+        pass
+    try:
+        etag = fs.info(path).get("ETag")
+    except FileNotFoundError:
+        return None
+    return str(etag) if etag else None
+
+
+def read_pointer_state(fs: Any, root: str) -> PointerRead:
+    """The pointer as a publisher reads it before replacing it: its document, its bytes and (S3)
+    the ETag of exactly those bytes (read before and after; read again while they differ)."""
+    path = f"{root}/{POINTER}"
+    for _ in range(3):
+        before = _etag(fs, path) if _is_s3(fs) else None
+        raw = _read_raw(fs, path)
+        if raw is None:
+            return PointerRead(None, None)
+        after = _etag(fs, path) if _is_s3(fs) else None
+        if before == after:
+            break
+    try:
+        doc: Optional[Dict[str, Any]] = parse_pointer(raw)
+    except PointerError:
+        doc = None
+    return PointerRead(doc, raw, after)
 
 
 def published_version(uri: str) -> Optional[Dict[str, str]]:
@@ -135,9 +199,75 @@ def exists(fs: Any, path: str) -> bool:
         return False
 
 
-def write_pointer(fs: Any, root: str, document: Dict[str, Any]) -> None:
+def _chain_text(exc: BaseException) -> str:
+    seen, current = [], exc
+    while current is not None and len(seen) < 6:
+        seen.append(f"{type(current).__name__} {current} {getattr(current, 'response', '')}")
+        current = current.__cause__ or current.__context__
+    return " ".join(seen)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    text = _chain_text(exc)
+    return isinstance(exc, FileExistsError) or any(
+        word in text for word in ("PreconditionFailed", "pre-condition", "precondition", "412",
+                                  "ConditionalRequestConflict")
+    )
+
+
+def _unsupported(exc: BaseException) -> bool:
+    """The store (or an old botocore) does not know conditional writes."""
+    text = _chain_text(exc)
+    return any(word in text for word in ("Unknown parameter", "NotImplemented", "501"))
+
+
+@contextlib.contextmanager
+def _locked(root: str) -> Iterator[None]:
+    """An exclusive lock of a local published folder: flock on the folder itself (nothing is left
+    behind in it); where there is no flock, the re-read check alone."""
+    try:
+        import fcntl
+
+        fd = os.open(root, os.O_RDONLY)
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_pointer(fs: Any, root: str, document: Dict[str, Any], expected: Optional[PointerRead] = None) -> None:
+    """Replace the pointer. With ``expected`` (what the publisher read), only if the pointer is
+    still exactly that, else PointerConflict: file://, an exclusive lock around a re-read and the
+    rename; S3, a conditional PUT (If-Match the ETag read, If-None-Match when there was none);
+    other stores (no conditional write through fsspec), a re-read just before the write."""
     data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
     target = f"{root}/{POINTER}"
+    if expected is not None and _is_local(fs):
+        with _locked(root):
+            if _read_raw(fs, target) != expected.raw:
+                raise PointerConflict(target)
+            _replace(fs, root, target, data)
+        return
+    if expected is not None and _is_s3(fs) and (expected.raw is None or expected.etag):
+        condition = {"IfNoneMatch": "*"} if expected.raw is None else {"IfMatch": expected.etag}
+        try:
+            fs.pipe_file(target, data, **condition)
+            return
+        except Exception as exc:
+            if _precondition_failed(exc):
+                raise PointerConflict(target) from None
+            if not _unsupported(exc):
+                raise
+    if expected is not None and _read_raw(fs, target) != expected.raw:
+        raise PointerConflict(target)
+    _replace(fs, root, target, data)
+
+
+def _replace(fs: Any, root: str, target: str, data: bytes) -> None:
     if is_object_store(fs):
         fs.pipe_file(target, data)
         return
@@ -167,10 +297,36 @@ def _versions(fs: Any, root: str) -> List[str]:
     return sorted(n for n in names if VERSION_NAME.match(n))
 
 
+IN_FLIGHT_SECONDS = 3600.0  # a version newer than the pointer's, named this recently: a publish under way
+CLOCK_SKEW_SECONDS = 300.0
+
+
+def _in_flight(name: str, named: str, now: datetime) -> bool:
+    """Newer than the version the pointer names and named within the last hour (not in the
+    future): another publisher's upload, whose pointer write is still to come."""
+    match = VERSION_NAME.match(name)
+    if not match or name <= named:
+        return False
+    stamp = match.group("time")
+    when = datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ" if len(stamp) > 16 else "%Y%m%dT%H%M%SZ")
+    age = (now - when.replace(tzinfo=timezone.utc)).total_seconds()
+    return -CLOCK_SKEW_SECONDS <= age <= IN_FLIGHT_SECONDS
+
+
 def prune(fs: Any, root: str, keep: int, current: Optional[str]) -> Tuple[List[str], List[str]]:
-    """Remove version folders but the newest ``keep`` and the pointer's own: (kept, removed)."""
+    """Remove version folders the pointer does not name: (kept, removed). The pointer is read
+    again here (another publisher may have moved it): never its version, nor the newest
+    ``keep``, nor ``current``, nor a version newer than the pointer's named in the last hour (a
+    publish under way). Without a readable pointer nothing is removed."""
+    doc = read_pointer(fs, root)
+    if doc is None:
+        raise PointerError(f"no {POINTER} to prune against")
+    named = doc["path"].rsplit("/", 1)[-1]
     names = _versions(fs, root)
+    now = datetime.now(timezone.utc)
     kept = set(names[-keep:]) if keep > 0 else set()
+    kept.add(named)
+    kept.update(name for name in names if _in_flight(name, named, now))
     if current:
         kept.add(current)
     removed = []

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
@@ -39,15 +39,19 @@ from dbt_defer.manifests import (
     LoadedManifest,
     ManifestError,
     load_manifest,
+    parse_timestamp,
     project_id_for,
 )
 from dbt_defer.pointer import (
     POINTER,
     PUBLISHED_VERSIONS,
+    VERSION_NAME,
+    PointerConflict,
     current_pointer,
     exists,
     is_object_store,
     prune,
+    read_pointer_state,
     version_name,
     write_pointer,
 )
@@ -294,16 +298,127 @@ def publish(
         and previous.get("invocation_id") == artifacts.invocation_id
         and exists(fs, f"{root}/{previous['path']}/{MANIFEST}")
     ):
-        name = str(previous.get("version") or previous["path"].rsplit("/", 1)[-1])
-        try:
-            kept, removed = prune(fs, root, keep, name)
-            problem = None
-        except Exception as exc:
-            kept, removed, problem = [], [], reason(exc)
-        return Published(uri, name, f"{root_uri}/{previous['path']}", previous, kept, removed, problem, True)
+        return _finish(uri, fs, root, root_uri, previous, keep, already=True)
 
+    _refuse_older(where, previous, manifest.generated_at, artifacts.invocation_id, "nothing published")
     when = now or datetime.now(timezone.utc)
     name = version_name(when, artifacts.invocation_id)
+    files = _upload(fs, root, where, name, artifacts)
+
+    # Move the pointer only if it is still what was read just before (another publisher may
+    # move it meanwhile): read, decide, write conditionally; on a conflict read and decide again.
+    for _ in range(_ATTEMPTS):
+        try:
+            state = read_pointer_state(fs, root)
+        except Exception as exc:
+            _discard(fs, root, name)
+            raise PublishError(
+                f"dbt-defer: not published: cannot read {where}/{POINTER} ({reason(exc)}); readers still see "
+                "the previous version; check the URI, the network and credentials, then publish again"
+            ) from None
+        current = state.doc
+        if current and current.get("invocation_id") == artifacts.invocation_id and current["path"] != (
+            f"{PUBLISHED_VERSIONS}/{name}"
+        ) and exists(fs, f"{root}/{current['path']}/{MANIFEST}"):
+            _discard(fs, root, name)  # a concurrent publish of this same run won
+            return _finish(uri, fs, root, root_uri, current, keep, already=True)
+        try:
+            _refuse_older(where, current, manifest.generated_at, artifacts.invocation_id, "not published")
+        except PublishError:
+            _discard(fs, root, name)
+            raise
+        named = str(current["path"]).rsplit("/", 1)[-1] if current else ""
+        if named and named >= name:
+            # the pointer names a version newer than this upload: a prune that read that pointer
+            # may remove this one, so upload again under a name after it before pointing at it
+            _discard(fs, root, name)
+            name = version_name(_after(named, datetime.now(timezone.utc)), artifacts.invocation_id)
+            files = _upload(fs, root, where, name, artifacts)
+        rel = f"{PUBLISHED_VERSIONS}/{name}"
+        pointer = {
+            "format": POINTER_FORMAT,
+            "path": rel,
+            "version": name,
+            "invocation_id": artifacts.invocation_id,
+            "generated_at": manifest.generated_at,
+            "dbt_version": manifest.dbt_version,
+            "project_name": manifest.project_name,
+            "env": env,
+            "command": artifacts.command,
+            "target": artifacts.target,
+            "results": artifacts.results,
+            "failed_nodes": len(artifacts.failed),
+            "published_at": when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "previous": (current or {}).get("version"),
+            "files": files,
+        }
+        try:
+            write_pointer(fs, root, pointer, expected=state)
+        except PointerConflict:
+            continue
+        except Exception as exc:
+            raise PublishError(
+                f"dbt-defer: not published: uploaded {where}/{rel} but cannot write {where}/{POINTER} "
+                f"({reason(exc)}); readers still see the previous version; check write credentials and publish again"
+            ) from None
+        return _finish(uri, fs, root, root_uri, pointer, keep)
+    _discard(fs, root, name)
+    raise PublishError(
+        f"dbt-defer: not published: {where}/{POINTER} changed {_ATTEMPTS} times while this run was being "
+        "published (other publishers at the same time); readers see the newest of theirs; publish again"
+    )
+
+
+_ATTEMPTS = 5
+
+
+def _finish(uri: str, fs: Any, root: str, root_uri: str, pointer: Dict[str, Any], keep: int,
+            already: bool = False) -> Published:
+    name = str(pointer.get("version") or pointer["path"].rsplit("/", 1)[-1])
+    try:
+        kept, removed = prune(fs, root, keep, name)
+        problem = None
+    except Exception as exc:
+        kept, removed, problem = [], [], reason(exc)
+    return Published(uri, name, f"{root_uri}/{pointer['path']}", pointer, kept, removed, problem, already)
+
+
+def _refuse_older(where: str, current: Optional[Dict[str, Any]], generated_at: str, invocation: str,
+                  what: str) -> None:
+    """An older run (by its manifest's generated_at) never replaces a newer one (SPEC §7)."""
+    if not current or current.get("invocation_id") == invocation:
+        return
+    theirs = parse_timestamp(str(current.get("generated_at") or ""))
+    ours = parse_timestamp(generated_at or "")
+    if theirs is not None and ours is not None and theirs > ours:
+        raise PublishError(
+            f"dbt-defer: {what}: {where}/{POINTER} names a newer run (invocation "
+            f"{current.get('invocation_id')}, manifest generated_at {current.get('generated_at')}) than this "
+            f"one (generated_at {generated_at}); readers keep the newer run; publish the artifacts of a later run"
+        )
+
+
+def _after(named: str, when: datetime) -> datetime:
+    """``when``, or just after the time in a version name when that is later (clock skew)."""
+    match = VERSION_NAME.match(named)
+    if not match:
+        return when
+    stamp = match.group("time")
+    then = datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ" if len(stamp) > 16 else "%Y%m%dT%H%M%SZ")
+    then = then.replace(tzinfo=timezone.utc) + timedelta(microseconds=1)
+    return max(when, then)
+
+
+def _discard(fs: Any, root: str, name: str) -> None:
+    """Remove this publish's own version folder (never pointed at); a failure leaves it to prune."""
+    try:
+        fs.rm(f"{root}/{PUBLISHED_VERSIONS}/{name}", recursive=True)
+    except Exception:
+        pass
+
+
+def _upload(fs: Any, root: str, where: str, name: str, artifacts: Artifacts) -> Dict[str, Dict[str, Any]]:
+    """Both files into a new version folder; (file name -> size and sha256 of what was uploaded)."""
     rel = f"{PUBLISHED_VERSIONS}/{name}"
     folder = f"{root}/{rel}"
     files = {}
@@ -336,34 +451,4 @@ def publish(
             f"dbt-defer: nothing published: cannot upload to {where}/{rel} ({reason(exc)}); check the URI "
             "and write credentials (readers still see the previous version)"
         ) from None
-
-    pointer = {
-        "format": POINTER_FORMAT,
-        "path": rel,
-        "version": name,
-        "invocation_id": artifacts.invocation_id,
-        "generated_at": manifest.generated_at,
-        "dbt_version": manifest.dbt_version,
-        "project_name": manifest.project_name,
-        "env": env,
-        "command": artifacts.command,
-        "target": artifacts.target,
-        "results": artifacts.results,
-        "failed_nodes": len(artifacts.failed),
-        "published_at": when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "previous": (previous or {}).get("version"),
-        "files": files,
-    }
-    try:
-        write_pointer(fs, root, pointer)
-    except Exception as exc:
-        raise PublishError(
-            f"dbt-defer: not published: uploaded {where}/{rel} but cannot write {where}/{POINTER} "
-            f"({reason(exc)}); readers still see the previous version; check write credentials and publish again"
-        ) from None
-    try:
-        kept, removed = prune(fs, root, keep, name)
-        problem = None
-    except Exception as exc:
-        kept, removed, problem = [], [], reason(exc)
-    return Published(uri, name, f"{root_uri}/{rel}", pointer, kept, removed, problem)
+    return files

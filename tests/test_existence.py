@@ -147,3 +147,80 @@ def test_listed_relations_go_into_dbts_real_cache_without_one_event_each():
     assert checker.exists(("db", "prod", "m1")) and not checker.exists(("db", "prod", "m9"))
     assert ("db", "prod") in adapter.cache
     assert sorted(r.identifier for r in adapter.cache.get_relations("db", "prod")) == ["m0", "m1", "m2"]
+
+
+# --- names compared exactly (issue 22, item 6): a real dbt run on Postgres ----------------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pg_prod(tmp_path_factory):
+    from conftest import require_adapter
+    from dbt_harness import make_project
+
+    require_adapter("postgres")
+    p = make_project(tmp_path_factory.mktemp("existence"), "postgres")
+    p.dbt("deps")
+    p.dbt("build", "--target", "prod", "-s", "raw_customers", "stg_customers")
+    p.save_artifacts("prod-artifacts")
+    yield p
+    p.drop_schemas()
+    _drop(p.schema("prod").upper())
+
+
+def _drop(schema: str) -> None:
+    from dbt_harness import pg_connect
+
+    with pg_connect() as conn, conn.cursor() as cur:
+        cur.execute(f'drop schema if exists "{schema}" cascade')
+
+
+def _foreign_state(p, schema: str):
+    """staging's artifacts: prod's, but staging records stg_customers in ``schema``."""
+    state = p.root / "foreign-artifacts"
+    if state.exists():
+        shutil.rmtree(state)
+    shutil.copytree(p.root / "prod-artifacts", state)
+    manifest = json.loads((state / "manifest.json").read_text())
+    manifest["nodes"][p.uid("stg_customers")]["schema"] = schema
+    (state / "manifest.json").write_text(json.dumps(manifest))
+    return state
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("variant", ["percent", "underscore", "upper"])
+def test_a_listed_relation_matches_only_its_own_schema_on_postgres(pg_prod, variant):
+    """dbt-postgres lists a schema with ``schemaname ilike '<schema>'``: staging's record of
+    stg_customers in schema ``..._pro%``, ``..._pro_`` or ``"..._PROD"`` (none exists) matched prod's
+    relations and was reported as existing, so the ref was read from a relation that is not
+    there. Each listed relation now counts only in its own schema: the ref falls through to prod.
+    And a schema whose case differs but which exists ("..._PROD" on Postgres) is found."""
+    p = pg_prod
+    prod = p.schema("prod")
+    schema = {"percent": prod[:-1] + "%", "underscore": prod[:-1] + "_", "upper": prod.upper()}[variant]
+    env = {
+        "DBT_DEFER": "1",
+        "DBT_DEFER_STAGING_STATE": str(_foreign_state(p, schema)),
+        "DBT_DEFER_PROD_STATE": str(p.root / "prod-artifacts"),
+    }
+    key = (p.uid("dim_customers.v1"), p.uid("stg_customers"))
+    p.dbt("compile", "-s", "dim_customers_v1", env=env)
+    record = p.resolutions()[key]
+    assert record["env"] == "prod", record
+    assert f'"{prod}"."stg_customers"' in p.compiled("models/marts/dim_customers_v1.sql")
+    if variant != "upper":
+        return
+    from dbt_harness import pg_connect
+
+    with pg_connect() as conn, conn.cursor() as cur:  # now "..._PROD" exists, beside ..._prod
+        cur.execute(f'create schema "{schema}"')
+        cur.execute(f'create table "{schema}".stg_customers as select * from "{prod}".stg_customers')
+    try:
+        p.dbt("compile", "-s", "dim_customers_v1", env=env)
+        assert p.resolutions()[key]["env"] == "staging"
+    finally:
+        _drop(schema)

@@ -18,6 +18,10 @@ from dbt_defer.chain import Location
 
 _DBT_CACHED: FrozenSet[str] = frozenset({"<cached by dbt>"})  # sentinel: ask dbt's live cache
 _BARE_WORD = re.compile(r"^[\w$-]+$")  # what may be rendered unquoted (any script's letters)
+# engines whose names are case-insensitive even when quoted; elsewhere (Postgres, Snowflake,
+# Redshift, BigQuery, ...) a quoted "PROD" is another schema than prod
+_CASE_INSENSITIVE = frozenset({"duckdb", "spark", "databricks", "sqlite"})
+_PARTS = ("database", "schema", "identifier")
 
 
 def _unquoted_parts(adapter: Any) -> FrozenSet[str]:
@@ -67,22 +71,47 @@ class ExistenceChecker:
         self._listed: Dict[Tuple[str, str], FrozenSet[str]] = {}
         self.queries: Dict[Tuple[str, str], int] = {}
         self._unquoted: Optional[FrozenSet[str]] = None
+        self._exact: Optional[FrozenSet[str]] = None
+
+    def _exact_parts(self) -> FrozenSet[str]:
+        """The parts compared case-sensitively: quoted ones, on an engine where quoting keeps case."""
+        if self._unquoted is None:
+            self._unquoted = _unquoted_parts(self.adapter)
+        try:
+            kind = str(self.adapter.type()).lower()
+        except Exception:
+            kind = ""
+        if kind in _CASE_INSENSITIVE:
+            return frozenset()
+        return frozenset(_PARTS) - self._unquoted
+
+    def _norm(self, part: str, value: Optional[str]) -> str:
+        """A name as this adapter compares it (SPEC §7: no case folding where case matters)."""
+        value = value or ""
+        return value if part in self._exact else value.lower()
 
     def _key(self, database: Optional[str], schema: Optional[str]) -> Tuple[str, str]:
         database = database or getattr(self.adapter.config.credentials, "database", "") or ""
-        return (database.lower(), (schema or "").lower())
+        return (self._norm("database", database), self._norm("schema", schema))
 
     def exists(self, location: Location) -> bool:
         database, schema, identifier = location
         if not self._safe(location):
             return False  # never pasted into a metadata query (SPEC §7); the reader said why
+        if self._exact is None:
+            self._exact = self._exact_parts()
         key = self._key(database, schema)
         listed = self._listed.get(key)
         if listed is None:
             listed = self._settle(key, database, schema)
         if listed is _DBT_CACHED:
-            return self.adapter.get_relation(database, schema, identifier) is not None
-        return identifier.lower() in listed
+            try:
+                return self.adapter.get_relation(database, schema, identifier) is not None
+            except Exception as exc:  # "PROD" asked, prod cached: another relation (dbt's approximate match)
+                if type(exc).__name__ == "ApproximateMatchError":
+                    return False
+                raise
+        return self._norm("identifier", identifier) in listed
 
     def _safe(self, location: Location) -> bool:
         """Every part can be a SQL name (untrusted.unsafe_name); a part the adapter renders
@@ -106,21 +135,36 @@ class ExistenceChecker:
             if listed is not None:
                 return listed
             adapter = self.adapter
+            # dbt's cache folds case: a schema whose case matters here ("PROD" beside prod) is
+            # neither read from it nor added to it (it would stand in for dbt's own prod)
+            folds = key == (key[0].lower(), key[1].lower())
             # Only this lock's holder adds this schema to dbt's cache, so if it is there now,
             # dbt cached it itself (complete, and kept current by dbt as the run writes).
-            if (database, schema) in adapter.cache:
+            if folds and (database, schema) in adapter.cache:
                 self._listed[key] = _DBT_CACHED
                 return _DBT_CACHED
             schema_relation = adapter.Relation.create(
                 database=database, schema=schema, identifier="", quote_policy=adapter.config.quoting
             ).without_identifier()
-            relations = self._list(schema_relation, f"list_{database}_{schema}")
+            listing = self._list(schema_relation, f"list_{database}_{schema}")
             self.queries[key] = self.queries.get(key, 0) + 1
-            add_to_dbt_cache(adapter.cache, relations)
-            adapter.cache.update_schemas([(database, schema)])
-            listed = frozenset((r.identifier or "").lower() for r in relations)
+            # Adapters list with LIKE/ILIKE (dbt-postgres: schemaname ilike 'pro%'): a listed
+            # relation counts only if its own database and schema are the ones asked for
+            relations = [r for r in listing if self._own(r, key)]
+            if folds:
+                add_to_dbt_cache(adapter.cache, relations)
+                adapter.cache.update_schemas([(database, schema)])
+            listed = frozenset(self._norm("identifier", r.identifier) for r in relations)
             self._listed[key] = listed
             return listed
+
+    def _own(self, relation: Any, key: Tuple[str, str]) -> bool:
+        """Is a listed relation in exactly the (database, schema) asked for?"""
+        database = getattr(relation, "database", None)
+        schema = getattr(relation, "schema", None)
+        if schema is not None and self._norm("schema", schema) != key[1]:
+            return False
+        return database is None or self._norm("database", database) == key[0]
 
     def _list(self, schema_relation: Any, name: str) -> List[Any]:
         """One metadata query on a connection of its own, in its own thread, as dbt's own

@@ -286,6 +286,12 @@ def test_an_older_run_never_replaces_a_newer_one(store, tmp_path):
     assert "names a newer run" in line and "2024-02-01T00:00:00Z" in line
     assert json.loads(read(f"{store}/latest.json"))["invocation_id"] == newer
     assert listing(store) == before
+    # a run dated in the future (a wrong clock) does not block every later run
+    write_artifacts(tmp_path / "future", generated_at="9999-12-31T00:00:00Z")
+    publish_folder(store, tmp_path / "future")
+    later = write_artifacts(tmp_path / "later", generated_at="2024-03-01T00:00:00Z")
+    publish_folder(store, tmp_path / "later")
+    assert json.loads(read(f"{store}/latest.json"))["invocation_id"] == later
 
 
 @pytest.mark.parametrize("a_is_newer", [True, False])

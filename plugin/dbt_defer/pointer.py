@@ -4,8 +4,10 @@
     URI/versions/<UTC time>-<invocation id>/manifest.json (+ run_results.json)
 
 Owns the pointer's format and its checks (it is remote input: bounded, its path may not leave
-the folder), reading and replacing it (one PUT on object stores, write-then-rename elsewhere),
-version names and pruning. May not touch: what is published (``publish``), fetching
+the folder, its sha256 values are hex), reading and replacing it (one PUT on object stores,
+write-then-rename elsewhere; conditionally, for concurrent publishers: If-Match on S3, a lock of
+the folder on file://, a re-read elsewhere), version names and pruning (only what the pointer,
+read again, does not name). May not touch: what is published (``publish``), fetching
 (``remote``). Imports ``manifests`` (file names) only; works on an fsspec filesystem handed in.
 """
 

@@ -9,12 +9,18 @@ Store layout under the publish URI (any fsspec store that writes: ``file://``, `
 
 Order of writes: both files into a new version folder (never written again), then the pointer
 (one object, replaced at once: a single PUT on object stores, write-then-rename elsewhere), then
-pruning of old version folders. A reader (remote.py) reads the pointer, then the folder it
+pruning of old version folders. Concurrent publishers (SPEC §7): the pointer is replaced only if
+it is still what this publisher read (``pointer.write_pointer``; on a conflict it reads and
+decides again), a run whose manifest is older (``generated_at``) than the one the pointer names
+is not published, and an upload named before the pointer's version is uploaded again under a
+later name before the pointer names it (a prune that read that pointer may remove it). A reader (remote.py) reads the pointer, then the folder it
 names, so it sees the old pair or the new pair, never a mix; a publisher killed before the
 pointer moves leaves an unreferenced folder that readers never see and a later prune removes.
 
 Before anything is written the artifacts are checked: a manifest this dbt can read, of this
-project, and run results of the same dbt invocation (``metadata.invocation_id``).
+project, and run results of the same dbt invocation (``metadata.invocation_id``). What dbt wrote
+of ``--vars`` and the command line into run_results.json ``args`` is uploaded with the secrets of
+URIs in it as ``***`` (``redact_run_results``).
 
 Owns checking the artifacts and the order of the writes. The layout of the published folder
 (pointer, version names, pruning) is ``pointer``; reaching the store is ``store``. Imports
@@ -38,6 +44,7 @@ from dbt_defer.manifests import (
     RUN_RESULTS,
     LoadedManifest,
     ManifestError,
+    ahead_hours,
     load_manifest,
     parse_timestamp,
     project_id_for,
@@ -256,7 +263,7 @@ def _open_store(uri: str) -> Tuple[Any, str, str]:
     root_uri = uri.rstrip("/")
     if "?" in uri or "#" in uri:
         raise PublishError(
-            f"dbt-defer: nothing published: {shown(uri)} has a query string; publish to a folder URI "
+            f"dbt-defer: nothing published: {shown(uri)} has a query string or a fragment; publish to a folder URI "
             "(s3://bucket/prefix, gs://bucket/prefix, file:///path) and give credentials in the environment"
         )
     if root_uri.lower().endswith(".json"):
@@ -390,6 +397,8 @@ def _refuse_older(where: str, current: Optional[Dict[str, Any]], generated_at: s
         return
     theirs = parse_timestamp(str(current.get("generated_at") or ""))
     ours = parse_timestamp(generated_at or "")
+    if ahead_hours(theirs) is not None:
+        return  # dated in the future (a wrong clock): it may not block every later run
     if theirs is not None and ours is not None and theirs > ours:
         raise PublishError(
             f"dbt-defer: {what}: {where}/{POINTER} names a newer run (invocation "

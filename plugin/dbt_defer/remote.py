@@ -4,7 +4,9 @@
 (``[s3]``: s3fs), ``gs://`` (``[gcs]``: gcsfs), or any other protocol fsspec knows, chained
 URIs (``zip://manifest.json::s3://bucket/prod.zip``) included. A state URI names a folder
 holding ``manifest.json`` or the manifest file itself; ``run_results.json`` beside it is
-fetched too when present (URI forms: ``store``).
+fetched too when present (URI forms: ``store``): only a clean not-found means there are none
+(never when the publish pointer lists the file); any other error reading it fails the fetch
+and keeps the cached pair.
 
 On use (``fetch``), into the environment's local copy (``state_cache``):
 
@@ -20,7 +22,8 @@ On use (``fetch``), into the environment's local copy (``state_cache``):
 
 A folder written by ``dbt-defer publish`` holds a pointer (``pointer``) naming its current
 version folder; it is read first and the folder it names is fetched, so a reader gets one
-run's pair even while a publisher writes the next version.
+run's pair even while a publisher writes the next version; each file must have the sha256 the
+pointer lists.
 
 Credentials and query strings of a state URI never leave this module unredacted (messages,
 ``fetch.json``, ``FetchResult.uri``): see ``config.redact``. Imports ``config``,

@@ -83,6 +83,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
             f"of invocation {artifacts.invocation_id} did not succeed: {first}{more}; readers keep the version "
             "they have"
         )
+    ahead = artifacts.manifest.ahead_hours()
+    if ahead is not None:
+        warn(
+            f"dbt-defer: note: {artifacts.manifest_path} is dated in the future (generated_at "
+            f"{artifacts.manifest.generated_at}, {ahead:.1f} hours ahead of this machine's clock); readers will "
+            "warn about it, and a later run replaces it whatever its date: check this machine's clock"
+        )
     spec = next((s for s in ctx.cfg.environments if s.name == env), None) if env else None
     if spec is not None and spec.is_uri and pointer.pointer_root(spec.state) != args.uri.rstrip("/"):
         warn(

@@ -18,9 +18,10 @@ from dbt_defer.chain import Location
 
 _DBT_CACHED: FrozenSet[str] = frozenset({"<cached by dbt>"})  # sentinel: ask dbt's live cache
 _BARE_WORD = re.compile(r"^[\w$-]+$")  # what may be rendered unquoted (any script's letters)
-# engines whose names are case-insensitive even when quoted; elsewhere (Postgres, Snowflake,
-# Redshift, BigQuery, ...) a quoted "PROD" is another schema than prod
-_CASE_INSENSITIVE = frozenset({"duckdb", "spark", "databricks", "sqlite"})
+# engines whose names are case-insensitive even when quoted (Redshift folds quoted names too,
+# unless enable_case_sensitive_identifier); elsewhere (Postgres, Snowflake, BigQuery, ...) a
+# quoted "PROD" is another schema than prod
+_CASE_INSENSITIVE = frozenset({"duckdb", "spark", "databricks", "sqlite", "redshift"})
 _PARTS = ("database", "schema", "identifier")
 
 

@@ -201,20 +201,34 @@ def exists(fs: Any, path: str) -> bool:
         return False
 
 
-def _chain_text(exc: BaseException) -> str:
-    seen, current = [], exc
+def _exceptions(exc: BaseException) -> List[BaseException]:
+    seen: List[BaseException] = []
+    current: Optional[BaseException] = exc
     while current is not None and len(seen) < 6:
-        seen.append(f"{type(current).__name__} {current} {getattr(current, 'response', '')}")
+        seen.append(current)
         current = current.__cause__ or current.__context__
-    return " ".join(seen)
+    return seen
+
+
+def _chain_text(exc: BaseException) -> str:
+    return " ".join(f"{type(e).__name__} {e}" for e in _exceptions(exc))
 
 
 def _precondition_failed(exc: BaseException) -> bool:
-    text = _chain_text(exc)
-    return isinstance(exc, FileExistsError) or any(
-        word in text for word in ("PreconditionFailed", "pre-condition", "precondition", "412",
-                                  "ConditionalRequestConflict")
-    )
+    """S3 refused a conditional PUT: 412 PreconditionFailed (If-Match), or 409
+    ConditionalRequestConflict; s3fs turns an If-None-Match refusal into FileExistsError."""
+    for e in _exceptions(exc):
+        if isinstance(e, FileExistsError):
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = str((response.get("Error") or {}).get("Code", ""))
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+                return True
+        if "pre-condition" in str(e).lower() or "precondition" in str(e).lower():
+            return True
+    return False
 
 
 def _unsupported(exc: BaseException) -> bool:

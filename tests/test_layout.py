@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "plugin" / "dbt_defer"
 
 # bottom first; a module may import only modules of lower layers (lazy imports included)
 LAYERS = [
-    ["version", "config", "localfiles", "events", "artifact_schema", "testing.runner", "testing.files"],
+    ["portable", "version", "config", "localfiles", "events", "artifact_schema", "testing.runner", "testing.files"],
     ["untrusted", "env_names"],
     ["manifests", "settings"],
     ["pointer", "store", "state_cache"],
@@ -18,12 +18,14 @@ LAYERS = [
     ["chain", "publish"],
     ["resolution", "warehouse", "merge", "guard", "limits", "audit_table"],
     ["audit"],
-    ["refs"],
+    ["refs", "portable.engine", "portable.project"],
+    ["portable.state"],
+    ["portable.run"],
     ["session"],
     ["patches"],
     [""],  # the package itself: importing it installs the patches
     ["cli.common"],
-    ["cli.status", "cli.explain", "cli.fetch", "cli.publish"],
+    ["cli.status", "cli.explain", "cli.fetch", "cli.publish", "cli.portable"],
     ["cli"],
     ["cli.__main__", "testing.project"],
     ["testing.environments"],
@@ -88,3 +90,20 @@ def test_every_requirement_has_a_lower_bound():
         requirements += reqs
     unbounded = [r for r in requirements if ">=" not in r and "==" not in r and "~=" not in r]
     assert unbounded == [], unbounded
+
+
+def test_the_portable_mode_imports_nothing_of_dbt_core():
+    """SPEC §11: `dbt-defer state`/`run` (and importing the package) load no dbt-core 1.x module,
+    even where dbt-core is installed (dbt's plugin manager alone sets the plugin up)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import dbt_defer, dbt_defer.cli; from dbt_defer.portable import run, state; "
+        "from dbt_defer.cli import portable; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('dbt', 'dbt_common', 'dbt_adapters', 'agate')); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,14 +1,24 @@
 {#-
   dbt_defer.ref: what your root project's `ref` routes through (the one-line shim in
   macros/ref.sql of your project). Takes what dbt's ref takes: one or two names and
-  version= / v=. The chain resolution itself (SPEC §4) happens in the dbt-defer plugin,
-  inside dbt's own ref resolver, so every ref resolves the same way; this macro is the
-  dispatch point if an adapter or project needs to adjust the returned relation.
+  version= / v=. On dbt 1.x with the plugin, the chain resolution itself (SPEC §4) happens in
+  the dbt-defer plugin, inside dbt's own ref resolver, and nothing here changes what it returns.
+
+  Portable mode (SPEC §11, `dbt-defer run`, on engines without the plugin such as dbt Core v2):
+  the relation comes from the engine's --defer with the merged state dbt-defer wrote; with
+  DBT_DEFER_PORTABLE set (by `dbt-defer run`) this macro logs one structured line per ref
+  (`dbt-defer-ref {json}`: the calling node, the ref's names, the relation rendered), from which
+  dbt-defer writes target/dbt_defer_audit.json.
 -#}
 {% macro ref() %}
   {{- return(adapter.dispatch('ref', 'dbt_defer')(*varargs, **kwargs)) -}}
 {% endmacro %}
 
 {% macro default__ref() %}
-  {{- return(builtins.ref(*varargs, **kwargs)) -}}
+  {%- set relation = builtins.ref(*varargs, **kwargs) -%}
+  {%- if execute and env_var('DBT_DEFER_PORTABLE', '') -%}
+    {%- set version = kwargs.get('version', kwargs.get('v')) -%}
+    {%- do log('dbt-defer-ref ' ~ tojson({'node': model.unique_id, 'args': varargs | list, 'version': (version | string if version is not none else none), 'relation': relation | string}), info=True) -%}
+  {%- endif -%}
+  {{- return(relation) -}}
 {% endmacro %}

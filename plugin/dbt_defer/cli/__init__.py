@@ -1,4 +1,4 @@
-"""The ``dbt-defer`` command line: status, explain, fetch, publish (SPEC §8).
+"""The ``dbt-defer`` command line: status, explain, fetch, publish, state, run (SPEC §8, §11).
 
 The CLI sits on top of the package: it imports config, manifests, chain, guard, remote and publish,
 and none of them imports it. One module per command (``status``, ``explain``, ``fetch``,
@@ -22,7 +22,7 @@ import sys
 from typing import Optional, Sequence
 
 from dbt_defer.version import __version__
-from dbt_defer.cli import explain, fetch, publish, status
+from dbt_defer.cli import explain, fetch, portable, publish, status
 from dbt_defer.cli.common import CliError, Formatter, ProjectContext, say, short_id, shown
 from dbt_defer.cli.explain import cmd_explain, run_explain
 from dbt_defer.cli.fetch import cmd_fetch
@@ -41,6 +41,7 @@ examples:
   dbt-defer explain -s customers+        # where every ref of the selection would be read from
   dbt-defer fetch                        # refresh the local copies of remote (s3://, https://, ...) manifests
   dbt-defer publish s3://bucket/dbt/prod --env prod   # after a production run: publish its artifacts
+  dbt-defer run -- build -s my_model     # portable mode (dbt Core v2): the chain's state, then dbt
 
 configuration (see the README): vars: dbt_defer: environments in dbt_project.yml, or
 DBT_DEFER_<NAME>_STATE environment variables, e.g. DBT_DEFER_PROD_STATE=s3://bucket/dbt/prod
@@ -55,15 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"dbt-defer {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{status,explain,fetch,publish}")
-    for command in (status, explain, fetch, publish):
+    sub = parser.add_subparsers(dest="command", metavar="{status,explain,fetch,publish,state,run}")
+    for command in (status, explain, fetch, publish, portable):
         command.register(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"] and argv[1:2] not in (["-h"], ["--help"]):
+        # dbt-defer run [--] <dbt arguments>: everything after 'run' is dbt's, as given
+        rest = argv[2:] if argv[1:2] == ["--"] else argv[1:]
+        args = argparse.Namespace(func=portable.cmd_run, dbt_args=rest)
+    else:
+        args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

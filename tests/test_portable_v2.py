@@ -296,7 +296,7 @@ def built112(tmp_path_factory):
     project.save("staging-artifacts")
     path = project.root / "models" / "staging" / "stg_customers.sql"
     path.write_text(path.read_text().rstrip() + "\nwhere id > 0\n")
-    project.dbt112("build", "--target", "dev", "-s", "stg_customers")
+    project.dbt112("build", "--target", "dev", "-s", "stg_customers", extra={**project.chain, "DBT_DEFER": "1"})
     shutil.rmtree(project.target)
     return project
 
@@ -309,7 +309,11 @@ def _sql(project: V2Project) -> Dict[str, str]:
 
 
 def test_three_engines_read_the_same_relations(built112):
+    """compile as the build of the same selection would resolve (DBT_DEFER_COMPILE_AS=build):
+    dbt Core v2 never defers a selected node, where dbt 1.x's compile reads a selected node that
+    is not in dev yet from the state."""
     project = built112
+    project.chain["DBT_DEFER_COMPILE_AS"] = "build"
     selection = ("compile", "-s", "customers", "customer_report", "orders")
     # (a) dbt 1.12 with the plugin
     project.dbt112(*selection, extra={**project.chain, "DBT_DEFER": "1"})
@@ -330,6 +334,7 @@ def test_three_engines_read_the_same_relations(built112):
     assert '"dev"."stg_customers"' in sql_a["models/marts/customers.sql"]  # the dev edit
     assert '"staging"."stg_orders"' in sql_a["models/marts/customers.sql"]
     assert '"prod"."dim_customers_v1"' in sql_a["models/marts/customer_report.sql"]
+    assert '"dev"."customers" c' in sql_a["models/marts/customer_report.sql"]  # selected too
     assert sql_b == sql_a
     assert sql_c == sql_a
     ra, rb, rc = records(audit_a), records(audit_b), records(audit_c)

@@ -1,18 +1,38 @@
 {#-
   dbt_defer.portable_relations: the existence listing of the portable mode (`dbt-defer state`,
   SPEC §11), run by dbt-defer as `dbt run-operation dbt_defer.portable_relations --args
-  '{schemas: [[database, schema], ...]}'` through whatever engine the user runs (dbt Core v2 or
+  '{schemas: [[database, schema], ...], extra: [...]}'` through whatever engine the user runs (dbt Core v2 or
   dbt 1.x), so the listing goes through that engine's own adapter: one metadata query per schema
-  (list_relations_without_caching), read only. It logs one line with the running target's names,
+  (dbt 1.x: adapter.list_relations, through its relation cache; v2:
+  list_relations_without_caching), read only. It logs one line with the running target's names,
   then one line per schema (in chunks) with the identifiers found there; dbt-defer reads them.
 -#}
-{% macro portable_relations(schemas) %}
-  {%- do log('dbt-defer-portable ' ~ tojson({'kind': 'target', 'name': target.name, 'database': target.database, 'schema': target.schema, 'type': target.type}), info=True) -%}
+{% macro portable_relations(schemas, extra=[]) %}
+  {%- do log('dbt-defer-portable ' ~ tojson({'kind': 'target', 'name': target.name, 'database': target.database, 'schema': target.schema, 'type': target.type, 'dbt_version': dbt_version | string}), info=True) -%}
   {%- for pair in schemas -%}
     {%- set database = pair[0] if pair[0] else target.database -%}
-    {%- set schema_relation = api.Relation.create(database=database, schema=pair[1]) -%}
     {%- set found = [] -%}
-    {%- for relation in adapter.list_relations_without_caching(schema_relation) -%}
+    {%- if (dbt_version | string).startswith('1.') -%}
+      {#- dbt 1.x has no listing in Jinja: get_relation, through its relation cache (the first
+          call lists the schema, one query; the rest are cache look-ups), for every identifier
+          the project's refable nodes have, plus `extra` ([database, schema, identifier]: an
+          environment's identifier the project does not use) -#}
+      {%- set names = [] -%}
+      {%- for node in graph.nodes.values() if node.resource_type in ('model', 'seed', 'snapshot') -%}
+        {%- do names.append(node.alias or node.name) -%}
+      {%- endfor -%}
+      {%- for item in extra if item[1] == pair[1] and (item[0] or target.database) == database -%}
+        {%- do names.append(item[2]) -%}
+      {%- endfor -%}
+      {%- set relations = [] -%}
+      {%- for name in names | unique -%}
+        {%- set relation = adapter.get_relation(database=database, schema=pair[1], identifier=name) -%}
+        {%- if relation is not none -%}{%- do relations.append(relation) -%}{%- endif -%}
+      {%- endfor -%}
+    {%- else -%}
+      {%- set relations = adapter.list_relations_without_caching(api.Relation.create(database=database, schema=pair[1])) -%}
+    {%- endif -%}
+    {%- for relation in relations -%}
       {%- do found.append(relation.identifier) -%}
     {%- endfor -%}
     {%- if found | length == 0 -%}

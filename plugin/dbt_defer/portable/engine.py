@@ -132,13 +132,16 @@ class Engine:
                 found.append(item["unique_id"])
         return found
 
-    def list_relations(self, schemas: Iterable[Tuple[Optional[str], Optional[str]]], target_path: str) -> "Listing":
+    def list_relations(self, schemas: Iterable[Tuple[Optional[str], Optional[str]]], target_path: str,
+                       extra: Iterable[Tuple[Optional[str], Optional[str], str]] = ()) -> "Listing":
         """One ``run-operation dbt_defer.portable_relations``: the running target's names and the
         relations of each (database, schema) asked for — one metadata query per schema, through
-        the engine's own adapter."""
+        the engine's own adapter. ``extra``: identifiers the project's own nodes do not have (an
+        environment's alias of a node), which dbt 1.x (no listing in Jinja) must probe by name."""
         pairs = sorted({(d or "", s or "") for d, s in schemas})
+        more = sorted({(d or "", s or "", i) for d, s, i in extra})
         args = ["run-operation", "dbt_defer.portable_relations", "--args",
-                json.dumps({"schemas": [list(p) for p in pairs]})] + self.options(target_path)
+                json.dumps({"schemas": [list(p) for p in pairs], "extra": [list(m) for m in more]})] + self.options(target_path)
         return Listing.from_output(self._call(args))
 
 

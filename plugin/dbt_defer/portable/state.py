@@ -154,19 +154,15 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
     own, specs = cfg.chain_for_target(target) if target else (None, cfg.environments)
     envs = _load_chain(ctx, specs, warn)
     schemas = {(n.database, n.schema) for n in project.refable().values()}
-    for env in envs:
-        for uid in project.refable():
-            node = env.manifest.nodes.get(uid)
-            if node is not None and uid not in env.manifest.unusable:
-                schemas.add((node.database, node.schema))
-    listing = engine.list_relations(schemas, scratch)
+    schemas |= _env_schemas(envs, project)
+    listing = engine.list_relations(schemas, scratch, _extra(envs, project))
     ran = str(listing.target.get("name") or "")
     if target is None or ran != target:
         target = ran
         own, specs2 = cfg.chain_for_target(target)
         if [s.name for s in specs2] != [e.name for e in envs]:
             envs = _load_chain(ctx, specs2, warn)
-            listing = engine.list_relations(schemas | _env_schemas(envs, project), scratch)
+            listing = engine.list_relations(schemas | _env_schemas(envs, project), scratch, _extra(envs, project))
     if own is not None:
         if not specs:
             warn(f"dbt-defer: target '{target}' builds environment '{own.name}', the last of the chain: "
@@ -175,6 +171,10 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
             warn(f"dbt-defer: target '{target}' builds environment '{own.name}': deferring to "
                  + ", ".join(e.name for e in envs))
     default_db = default_db or listing.target.get("database")
+    if str(listing.target.get("dbt_version") or "").split(".")[0].isdigit() and \
+            int(str(listing.target["dbt_version"]).split(".")[0]) >= 2:
+        # dbt Core v2 never defers a selected node (compile and show included): resolve as a build
+        builds = True
 
     # 3. the write guard, before any write: nothing is written when it refuses (SPEC §7)
     if envs:
@@ -197,8 +197,20 @@ def _env_schemas(envs, project) -> set:
     for env in envs:
         for uid in project.refable():
             node = env.manifest.nodes.get(uid)
-            if node is not None:
+            if node is not None and uid not in env.manifest.unusable:
                 out.add((node.database, node.schema))
+    return out
+
+
+def _extra(envs, project) -> set:
+    """Environment identifiers the project's nodes do not have (dbt 1.x probes by name)."""
+    names = {n.identifier.lower() for n in project.refable().values()}
+    out = set()
+    for env in envs:
+        for uid in project.refable():
+            node = env.manifest.nodes.get(uid)
+            if node is not None and uid not in env.manifest.unusable and node.identifier.lower() not in names:
+                out.add((node.database, node.schema, node.identifier))
     return out
 
 

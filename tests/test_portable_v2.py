@@ -250,6 +250,35 @@ def test_a_dev_edit_is_read_from_dev_and_the_rest_from_the_chain(v2):
         path.write_text(old)
 
 
+def test_limits_are_views_the_state_points_at_and_tests_read_the_environment(v2):
+    """SPEC §6 in the portable mode: a ref read from another environment under a target with
+    limits renders a limited view (aliases and x.col keep working); the audit records the
+    environment's relation and the limit; a data test reads the relation itself."""
+    limited = ("--vars", "{dbt_defer: {limits: {dev: 2}}}")
+    done = v2.defer("run", "--", "build", "-s", "customer_report", *limited)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    sql = v2.compiled("models/marts/customer_report.sql")
+    assert '"wh"."dev_dd_prod_prod"."dim_customers_v1" d' in sql  # the user's alias, untouched
+    got = records(v2.audit())
+    assert got[(uid("customer_report"), uid("dim_customers.v1"))] == ("prod", '"wh"."prod"."dim_customers_v1"', "deferred", 2)
+    assert v2.audit()["summary"]["limited"] >= 1
+    import duckdb
+
+    with duckdb.connect(str(v2.duckdb), read_only=True) as con:
+        assert con.execute('select count(*) from "dev_dd_prod_prod"."dim_customers_v1"').fetchone()[0] == 2
+    test = v2.root / "tests" / "assert_v1_ids_positive.sql"
+    test.write_text("select * from {{ ref('dim_customers', v=1) }} where customer_id < 0\n")
+    try:
+        done = v2.defer("run", "--", "compile", "-s", "assert_v1_ids_positive", *limited)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+        assert '"wh"."prod"."dim_customers_v1"' in v2.compiled("tests/assert_v1_ids_positive.sql")
+        got = records(v2.audit())
+        assert got[(uid("assert_v1_ids_positive", "test"), uid("dim_customers.v1"))] == (
+            "prod", '"wh"."prod"."dim_customers_v1"', "deferred", None)
+    finally:
+        test.unlink()
+
+
 def test_the_guard_refuses_before_any_dbt_starts(v2):
     """A target pointed at prod's schema: nothing is written, no dbt build starts."""
     shutil.rmtree(v2.target, ignore_errors=True)
@@ -347,3 +376,15 @@ def test_three_engines_read_the_same_relations(built112):
     models = lambda r: {k: v for k, v in r.items() if k[0].startswith("model.")}  # noqa: E731
     assert models(rb) == models(ra)
     assert models(rc) == models(ra)
+
+    # with a limit (the plugin: a subquery; the portable mode: a view): the audits agree on
+    # environment, relation and limit
+    limited = ("--vars", "{dbt_defer: {limits: {dev: 2}}}")
+    shutil.rmtree(project.target)
+    project.dbt112(*selection, *limited, extra={**project.chain, "DBT_DEFER": "1"})
+    la = records(project.audit())
+    done = project.defer("run", "--", *selection, *limited)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    lc = records(project.audit())
+    assert models(la)[(uid("customer_report"), uid("dim_customers.v1"))][3] == 2
+    assert models(lc) == models(la)

@@ -43,3 +43,30 @@
     {%- endfor -%}
   {%- endfor -%}
 {% endmacro %}
+
+{#-
+  dbt_defer.portable_limited_views: the row limits of the portable mode (SPEC §6, §11). For each
+  ref the chain reads from another environment under a target with `limits`, dbt-defer asks the
+  engine to (re)create a view in a scratch schema of the running (dev) target,
+  `<target schema>_dd_<environment>_<schema>`, with the referenced relation's own identifier:
+  `select * from <environment's relation> limit N`. The merged state points the node at that
+  view, so every ref renders a plain relation name: aliases (`ref('x') y`, `as y`), subqueries
+  and `x.col` keep working on every engine. Views only: nothing is copied.
+  views: [{src: [database, schema, identifier], dst: [database, schema, identifier], limit: N, uid: ...}]
+-#}
+{% macro portable_limited_views(views) %}
+  {%- set schemas = [] -%}
+  {%- for view in views -%}
+    {%- set key = (view.dst[0] ~ '.' ~ view.dst[1]) | lower -%}
+    {%- if key not in schemas -%}
+      {%- do schemas.append(key) -%}
+      {%- do adapter.create_schema(api.Relation.create(database=view.dst[0], schema=view.dst[1])) -%}
+    {%- endif -%}
+    {%- set src = api.Relation.create(database=view.src[0], schema=view.src[1], identifier=view.src[2]) -%}
+    {%- set dst = api.Relation.create(database=view.dst[0], schema=view.dst[1], identifier=view.dst[2], type='view') -%}
+    {%- do run_query('drop view if exists ' ~ dst) -%}
+    {%- do run_query('create view ' ~ dst ~ ' as select * from ' ~ src ~ ' limit ' ~ (view.limit | int)) -%}
+    {%- do log('dbt-defer-portable ' ~ tojson({'kind': 'view', 'uid': view.uid, 'relation': dst | string}), info=True) -%}
+  {%- endfor -%}
+  {%- if (dbt_version | string).startswith('1.') -%}{%- do adapter.commit() -%}{%- endif -%}
+{% endmacro %}

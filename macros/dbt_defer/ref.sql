@@ -8,7 +8,9 @@
   the relation comes from the engine's --defer with the merged state dbt-defer wrote; with
   DBT_DEFER_PORTABLE set (by `dbt-defer run`) this macro logs one structured line per ref
   (`dbt-defer-ref {json}`: the calling node, the ref's names, the relation rendered), from which
-  dbt-defer writes target/dbt_defer_audit.json.
+  dbt-defer writes target/dbt_defer_audit.json. Row limits are views the merged state points at
+  (dbt_defer.portable_limited_views); `dbt-defer run` hands this macro the views' schemas so a
+  data test reads the environment's relation itself unless limit_tests is true.
 -#}
 {% macro ref() %}
   {{- return(adapter.dispatch('ref', 'dbt_defer')(*varargs, **kwargs)) -}}
@@ -16,7 +18,16 @@
 
 {% macro default__ref() %}
   {%- set relation = builtins.ref(*varargs, **kwargs) -%}
-  {%- if execute and env_var('DBT_DEFER_PORTABLE', '') -%}
+  {%- set portable = env_var('DBT_DEFER_PORTABLE', '') if execute else '' -%}
+  {%- if portable -%}
+    {%- if model.resource_type == 'test' and portable.startswith('{') -%}
+      {#- a data test reads the environment's relation, not the limited view (limit_tests: false) -#}
+      {%- set views = fromjson(portable).get('views', {}) -%}
+      {%- set key = ((relation.database or '') ~ '.' ~ (relation.schema or '')) | lower -%}
+      {%- if key in views -%}
+        {%- set relation = api.Relation.create(database=views[key][0], schema=views[key][1], identifier=relation.identifier) -%}
+      {%- endif -%}
+    {%- endif -%}
     {%- set version = kwargs.get('version', kwargs.get('v')) -%}
     {%- do log('dbt-defer-ref ' ~ tojson({'node': model.unique_id, 'args': varargs | list, 'version': (version | string if version is not none else none), 'relation': relation | string}), info=True) -%}
   {%- endif -%}

@@ -144,6 +144,22 @@ class Engine:
                 json.dumps({"schemas": [list(p) for p in pairs], "extra": [list(m) for m in more]})] + self.options(target_path)
         return Listing.from_output(self._call(args))
 
+    def create_limited_views(self, views: List[Dict[str, Any]], target_path: str) -> Dict[str, str]:
+        """One ``run-operation dbt_defer.portable_limited_views``: each view (re)created in the
+        running target's scratch schema; unique_id -> the view's relation as the engine renders it."""
+        args = ["run-operation", "dbt_defer.portable_limited_views", "--args",
+                json.dumps({"views": views})] + self.options(target_path)
+        out: Dict[str, str] = {}
+        for line in self._call(args).splitlines():
+            item = marked(line, LISTING_MARK)
+            if isinstance(item, dict) and item.get("kind") == "view":
+                out[str(item.get("uid"))] = str(item.get("relation"))
+        missing = [v["uid"] for v in views if v["uid"] not in out]
+        if missing:
+            raise EngineError(f"dbt-defer: the engine created no limited view for {', '.join(missing[:5])}; "
+                              "is the dbt_defer package at this dbt-defer's version (dbt deps)?")
+        return out
+
 
 @dataclass
 class Listing:

@@ -13,6 +13,7 @@ Imports ``config``, ``audit`` and the portable ``engine``/``project``/``state``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from dbt_defer.config import one_line
 import dbt_defer.portable.engine as engine_mod
 from dbt_defer.portable.engine import REF_MARK, Engine, marked
 from dbt_defer.portable.project import PortableContext
-from dbt_defer.portable.state import BUILDING, StateResult, compute
+from dbt_defer.portable.state import BUILDING, StateResult, compute, views_of
 
 PASS_THROUGH = frozenset({"deps", "clean", "debug", "init", "parse", "ls", "list", "source", "help", "system",
                           "login", "man"})
@@ -122,6 +123,11 @@ def records_from(lines: Sequence[RefLine], result: StateResult) -> List[audit.Re
         choice = result.choices.get(uid)
         node = result.project.nodes.get(uid)
         dev = node.relation_name if node is not None else None
+        if choice is not None and choice.view and _norm(line.relation) == _norm(choice.view):
+            # a limited view: recorded as the environment's relation, with its limit (SPEC §5)
+            recorder.add(audit.Record(node=line.node, ref=uid, env=choice.env, relation=choice.relation or "",
+                                      reason=choice.reason, limit=choice.limit, is_test=line.node.startswith("test.")))
+            continue
         if choice is None:
             env, reason = result.target, "dev_exists"
         elif choice.env in ("ephemeral", "missing") or _norm(line.relation) == _norm(choice.relation):
@@ -155,8 +161,6 @@ def audit_document(lines: Sequence[RefLine], result: StateResult, command: str, 
 
 
 def _invocation_id(target_path: str) -> Optional[str]:
-    import json
-
     try:
         with open(os.path.join(target_path, "run_results.json"), encoding="utf-8") as fh:
             value = json.load(fh).get("metadata", {}).get("invocation_id")
@@ -180,7 +184,8 @@ def run(argv: Sequence[str], warn: Callable[[str], None], say: Callable[[str], N
     env = dict(os.environ)
     for key in ("DBT_DEFER_STATE", "DBT_FAVOR_STATE"):
         env.pop(key, None)
-    env[engine_mod.PORTABLE_VAR] = "1"
+    views = views_of(result.choices)
+    env[engine_mod.PORTABLE_VAR] = json.dumps({"views": views}) if views and not ctx.cfg.limit_tests else "1"
     full = command + list(dbt.passed)
     if not result.plain:
         full += ["--defer", "--defer-state", result.folder, "--favor-state"]

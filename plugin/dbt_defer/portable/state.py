@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 
 import msgspec
 
-from dbt_defer import audit, chain, guard
+from dbt_defer import audit, chain, guard, limits
 from dbt_defer.config import DEV, gc_paused
 from dbt_defer.localfiles import replace_atomically
 from dbt_defer.manifests import ManifestError
@@ -76,10 +76,15 @@ class NodeChoice:
     location: Optional[Tuple[Optional[str], Optional[str], str]] = None
     in_state: bool = False  # written into the merged manifest
     places: List[str] = field(default_factory=list)
+    limit: Optional[int] = None  # rows, when the merged state points at a limited view of it
+    view: Optional[str] = None  # that view, as the engine renders it
+    view_location: Optional[Tuple[Optional[str], Optional[str], str]] = None
 
     def as_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"env": self.env, "reason": self.reason, "relation": self.relation,
-                               "in_state": self.in_state}
+                               "in_state": self.in_state, "limit": self.limit}
+        if self.view:
+            out["view"] = self.view
         if self.places:
             out["places"] = self.places
         return out
@@ -184,12 +189,61 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
     exists = lambda loc: listing.exists(loc, default_db)  # noqa: E731
     choices = _choose(project, envs, selected, frozenset(restricted), cfg.dev_relations, exists, builds, target)
 
-    # 5. the merged manifest and the sidecar
+    # 5. row limits (SPEC §6): views in the running target's scratch schemas
     folder = os.path.abspath(out or os.path.join(ctx.target_path, STATE_FOLDER))
     _check_folder(ctx, folder, envs)
+    _limit(ctx, engine, scratch, project, envs, choices, target, listing)
+
+    # 6. the merged manifest and the sidecar
     _write(folder, os.path.join(scratch, "manifest.json"), envs, choices, project, target, selected, ctx, engine)
     return StateResult(folder, target, choices, selected, envs, project, plain=own is not None and not envs,
                        engine_calls=len(engine.calls))
+
+
+class _Consumer:
+    resource_type = "model"  # a view serves every consumer; data tests are swapped back in dbt_defer.ref
+
+
+def view_schema(target_schema: str, env: str, schema: Optional[str]) -> str:
+    return f"{target_schema}_dd_{env}_{schema or ''}".lower()
+
+
+def _limit(ctx, engine, scratch, project, envs, choices, target, listing) -> None:
+    cfg = ctx.cfg
+    applies, _ = cfg.limit_for_target(target)
+    if not applies or not envs:
+        return
+    database, schema = listing.target.get("database"), str(listing.target.get("schema") or "")
+    views = []
+    for uid, choice in choices.items():
+        if not choice.in_state or choice.env in (target, EPHEMERAL, MISSING) or choice.location is None:
+            continue
+        try:
+            limit = limits.limit_for(cfg, target, _Consumer(), project.nodes[uid])
+        except limits.LimitError as exc:
+            raise StateError(str(exc), 2) from None
+        if limit is None:
+            continue
+        src = list(choice.location)
+        dst = [database, view_schema(schema, choice.env, src[1]), src[2]]
+        views.append({"uid": uid, "src": src, "dst": dst, "limit": limit})
+    if not views:
+        return
+    made = engine.create_limited_views(views, scratch)
+    for view in views:
+        choice = choices[view["uid"]]
+        choice.limit, choice.view, choice.view_location = view["limit"], made[view["uid"]], tuple(view["dst"])
+
+
+def views_of(choices: Dict[str, NodeChoice]) -> Dict[str, List[Optional[str]]]:
+    """'<database>.<view schema>' -> [database, schema] of the environment's relations: what
+    dbt_defer.ref swaps a data test's limited ref back to (DBT_DEFER_PORTABLE)."""
+    out: Dict[str, List[Optional[str]]] = {}
+    for choice in choices.values():
+        if choice.view_location and choice.location:
+            key = f"{choice.view_location[0] or ''}.{choice.view_location[1] or ''}".lower()
+            out[key] = [choice.location[0], choice.location[1]]
+    return out
 
 
 def _env_schemas(envs, project) -> set:
@@ -326,8 +380,13 @@ def _write(folder, project_path, envs, choices, project, target, selected, ctx, 
             if env.name not in env_nodes:
                 env_nodes[env.name] = _raw_nodes(env.manifest.path)
             raw = env_nodes[env.name][uid]
+            record = msgspec.json.decode(raw)
+            choice.relation = _relation_name(record, choice.location)
+            if choice.view_location is not None:  # the limited view stands in for the relation
+                record["database"], record["schema"] = choice.view_location[0], choice.view_location[1]
+                record["relation_name"] = choice.view
+                raw = msgspec.Raw(msgspec.json.encode(record))
             nodes[uid] = raw
-            choice.relation = _relation_name(msgspec.json.decode(raw), choice.location)
         merged = dict(top)
         merged["nodes"] = msgspec.Raw(msgspec.json.encode(nodes))
         # functions are not relations a listing can confirm: the engine reads them from dev

@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -66,6 +67,7 @@ class Engine:
     target: Optional[str] = None
     vars: Optional[str] = None
     calls: List[List[str]] = field(default_factory=list)  # every command line run (for tests/bench)
+    seconds: float = 0.0  # wall time spent in the engine's read-only calls
 
     def options(self, target_path: Optional[str] = None) -> List[str]:
         out = ["--project-dir", self.project_dir]
@@ -87,6 +89,7 @@ class Engine:
     def _call(self, args: List[str]) -> str:
         line = self.command + args
         self.calls.append(line)
+        started = time.perf_counter()
         try:
             done = subprocess.run(line, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   errors="replace", env=self.read_only_env(), cwd=self.project_dir)
@@ -95,6 +98,7 @@ class Engine:
                 f"dbt-defer: cannot start the dbt executable {' '.join(self.command)!r} ({one_line(exc)}); "
                 f"install dbt (dbt Core v2 or dbt 1.x) or point {ENGINE_VAR} at it"
             ) from None
+        self.seconds += time.perf_counter() - started
         if done.returncode != 0:
             tail = [l for l in _ANSI.sub("", done.stdout).splitlines() if l.strip()][-12:]
             raise EngineError(

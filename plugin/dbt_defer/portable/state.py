@@ -397,6 +397,7 @@ def _write(folder, project_path, envs, choices, project, target, selected, ctx, 
         "metadata": {
             "dbt_defer_version": __version__, "generated_at": audit.now_iso(), "target": target,
             "project": ctx.name, "engine": " ".join(engine.command), "dev_relations": ctx.cfg.dev_relations,
+            "engine_calls": len(engine.calls), "engine_seconds": round(engine.seconds, 3),
         },
         "environments": [e.describe() for e in envs],
         "selected": sorted(selected),

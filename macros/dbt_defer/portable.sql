@@ -7,7 +7,16 @@
   list_relations_without_caching), read only. It logs one line with the running target's names,
   then one line per schema (in chunks) with the identifiers found there; dbt-defer reads them.
 -#}
-{% macro portable_relations(schemas, extra=[]) %}
+{% macro portable_relations(schemas, extra=[], dev_schemas=false) %}
+  {#- dev_schemas: also every schema the project's refable nodes write for the running target
+      (from `graph`), so this call need not wait for the project's manifest -#}
+  {%- if dev_schemas -%}
+    {%- set schemas = schemas | list -%}
+    {%- for node in graph.nodes.values() if node.resource_type in ('model', 'seed', 'snapshot') -%}
+      {%- set pair = [node.database or '', node.schema or ''] -%}
+      {%- if pair not in schemas -%}{%- do schemas.append(pair) -%}{%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
   {%- do log('dbt-defer-portable ' ~ tojson({'kind': 'target', 'name': target.name, 'database': target.database, 'schema': target.schema, 'type': target.type, 'dbt_version': dbt_version | string}), info=True) -%}
   {%- for pair in schemas -%}
     {%- set database = pair[0] if pair[0] else target.database -%}

@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -67,7 +68,8 @@ class Engine:
     target: Optional[str] = None
     vars: Optional[str] = None
     calls: List[List[str]] = field(default_factory=list)  # every command line run (for tests/bench)
-    seconds: float = 0.0  # wall time spent in the engine's read-only calls
+    seconds: float = 0.0  # time spent in the engine's read-only calls (summed over concurrent calls)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def options(self, target_path: Optional[str] = None) -> List[str]:
         out = ["--project-dir", self.project_dir]
@@ -88,7 +90,8 @@ class Engine:
 
     def _call(self, args: List[str]) -> str:
         line = self.command + args
-        self.calls.append(line)
+        with self._lock:
+            self.calls.append(line)
         started = time.perf_counter()
         try:
             done = subprocess.run(line, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -98,7 +101,8 @@ class Engine:
                 f"dbt-defer: cannot start the dbt executable {' '.join(self.command)!r} ({one_line(exc)}); "
                 f"install dbt (dbt Core v2 or dbt 1.x) or point {ENGINE_VAR} at it"
             ) from None
-        self.seconds += time.perf_counter() - started
+        with self._lock:
+            self.seconds += time.perf_counter() - started
         if done.returncode != 0:
             tail = [l for l in _ANSI.sub("", done.stdout).splitlines() if l.strip()][-12:]
             raise EngineError(
@@ -137,7 +141,8 @@ class Engine:
         return found
 
     def list_relations(self, schemas: Iterable[Tuple[Optional[str], Optional[str]]], target_path: str,
-                       extra: Iterable[Tuple[Optional[str], Optional[str], str]] = ()) -> "Listing":
+                       extra: Iterable[Tuple[Optional[str], Optional[str], str]] = (),
+                       dev_schemas: bool = False) -> "Listing":
         """One ``run-operation dbt_defer.portable_relations``: the running target's names and the
         relations of each (database, schema) asked for — one metadata query per schema, through
         the engine's own adapter. ``extra``: identifiers the project's own nodes do not have (an
@@ -145,7 +150,8 @@ class Engine:
         pairs = sorted({(d or "", s or "") for d, s in schemas})
         more = sorted({(d or "", s or "", i) for d, s, i in extra})
         args = ["run-operation", "dbt_defer.portable_relations", "--args",
-                json.dumps({"schemas": [list(p) for p in pairs], "extra": [list(m) for m in more]})] + self.options(target_path)
+                json.dumps({"schemas": [list(p) for p in pairs], "extra": [list(m) for m in more],
+                            "dev_schemas": dev_schemas})] + self.options(target_path)
         return Listing.from_output(self._call(args))
 
     def create_limited_views(self, views: List[Dict[str, Any]], target_path: str) -> Dict[str, str]:

@@ -17,6 +17,7 @@ Imports ``config``, ``manifests``, ``chain``, ``resolution``, ``guard``, ``audit
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import secrets
@@ -136,38 +137,49 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
         raise StateError(
             "dbt-defer: no environment is configured (vars: dbt_defer: environments, "
             "DBT_DEFER_<NAME>_STATE, or DBT_DEFER_STATE/DBT_STATE); nothing to defer to", 2)
-    # 1. the project, as the engine parses it for the running target, and the selection
-    if select or exclude or selector:
-        selected = frozenset(engine.ls(scratch, select, exclude, selector))
-    else:
-        engine.parse(scratch)
-        selected = frozenset()
-    project = ProjectManifest.load(os.path.join(scratch, "manifest.json"))
+    # 1. the engine's read-only calls, at once when the running target is known (each parses
+    # the project): the project + selection, the never_defer selection, the existence listing
+    # (the environments' schemas from their manifests, dev's from the engine's own graph)
+    target = ctx.target_name
+    own, specs = cfg.chain_for_target(target) if target else (None, cfg.environments)
+    envs = _load_chain(ctx, specs, warn) if target else []
+    dirs = [os.path.join(scratch, name) for name in ("project", "never_defer", "listing")]
+
+    def project_call() -> FrozenSet[str]:
+        if select or exclude or selector:
+            return frozenset(engine.ls(dirs[0], select, exclude, selector))
+        engine.parse(dirs[0])
+        return frozenset()
+
+    def listing_call() -> Listing:
+        return engine.list_relations(_env_schemas(envs, None), dirs[2], _extra(envs, None), dev_schemas=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        selected_f = pool.submit(project_call)
+        never_f = pool.submit(engine.ls, dirs[1], list(cfg.never_defer)) if cfg.never_defer else None
+        listing_f = pool.submit(listing_call) if target else None
+        selected = selected_f.result()
+        matched = never_f.result() if never_f is not None else []
+        listing = listing_f.result() if listing_f is not None else None
+    project = ProjectManifest.load(os.path.join(dirs[0], "manifest.json"))
     if ctx.name and project.metadata.project_name and project.metadata.project_name != ctx.name:
         raise StateError(f"dbt-defer: the engine parsed project {project.metadata.project_name!r}, not {ctx.name!r}")
     restricted = set(project.meta_restricted())
     if cfg.never_defer:
-        matched = engine.ls(scratch, list(cfg.never_defer))
         if not matched:
             warn(f"dbt-defer: vars: dbt_defer: never_defer {list(cfg.never_defer)} matches no node; nothing is "
                  "restricted by it — check it for a typo")
         restricted |= set(matched)
     default_db = project.default_database()
 
-    # 2. the listing call also tells the target the engine runs (its name may be Jinja in profiles.yml)
-    target = ctx.target_name
-    own, specs = cfg.chain_for_target(target) if target else (None, cfg.environments)
-    envs = _load_chain(ctx, specs, warn)
-    schemas = {(n.database, n.schema) for n in project.refable().values()}
-    schemas |= _env_schemas(envs, project)
-    listing = engine.list_relations(schemas, scratch, _extra(envs, project))
-    ran = str(listing.target.get("name") or "")
-    if target is None or ran != target:
-        target = ran
-        own, specs2 = cfg.chain_for_target(target)
-        if [s.name for s in specs2] != [e.name for e in envs]:
-            envs = _load_chain(ctx, specs2, warn)
-            listing = engine.list_relations(schemas | _env_schemas(envs, project), scratch, _extra(envs, project))
+    # 2. the target the engine ran (its name may be Jinja in profiles.yml): the chain for it
+    if listing is None or str(listing.target.get("name") or "") != target:
+        if listing is None:
+            listing = engine.list_relations([], dirs[2])
+        target = str(listing.target.get("name") or "")
+        own, specs = cfg.chain_for_target(target)
+        envs = _load_chain(ctx, specs, warn)
+        listing = engine.list_relations(_env_schemas(envs, project), dirs[2], _extra(envs, project), dev_schemas=True)
     if own is not None:
         if not specs:
             warn(f"dbt-defer: target '{target}' builds environment '{own.name}', the last of the chain: "
@@ -195,7 +207,7 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
     _limit(ctx, engine, scratch, project, envs, choices, target, listing)
 
     # 6. the merged manifest and the sidecar
-    _write(folder, os.path.join(scratch, "manifest.json"), envs, choices, project, target, selected, ctx, engine)
+    _write(folder, project.path, envs, choices, project, target, selected, ctx, engine)
     return StateResult(folder, target, choices, selected, envs, project, plain=own is not None and not envs,
                        engine_calls=len(engine.calls))
 
@@ -229,7 +241,7 @@ def _limit(ctx, engine, scratch, project, envs, choices, target, listing) -> Non
         views.append({"uid": uid, "src": src, "dst": dst, "limit": limit})
     if not views:
         return
-    made = engine.create_limited_views(views, scratch)
+    made = engine.create_limited_views(views, os.path.join(scratch, "views"))
     for view in views:
         choice = choices[view["uid"]]
         choice.limit, choice.view, choice.view_location = view["limit"], made[view["uid"]], tuple(view["dst"])
@@ -246,26 +258,26 @@ def views_of(choices: Dict[str, NodeChoice]) -> Dict[str, List[Optional[str]]]:
     return out
 
 
-def _env_schemas(envs, project) -> set:
-    out = set()
+def _env_nodes(envs, project):
+    """(environment, node) of every usable relation the environments record (for the project's
+    nodes, when the project is known)."""
     for env in envs:
-        for uid in project.refable():
-            node = env.manifest.nodes.get(uid)
-            if node is not None and uid not in env.manifest.unusable:
-                out.add((node.database, node.schema))
-    return out
+        for uid, node in env.manifest.nodes.items():
+            if uid in env.manifest.unusable or node.materialized == "ephemeral":
+                continue
+            if project is None or uid in project.nodes:
+                yield env, node
+
+
+def _env_schemas(envs, project) -> set:
+    return {(node.database, node.schema) for _, node in _env_nodes(envs, project)}
 
 
 def _extra(envs, project) -> set:
-    """Environment identifiers the project's nodes do not have (dbt 1.x probes by name)."""
-    names = {n.identifier.lower() for n in project.refable().values()}
-    out = set()
-    for env in envs:
-        for uid in project.refable():
-            node = env.manifest.nodes.get(uid)
-            if node is not None and uid not in env.manifest.unusable and node.identifier.lower() not in names:
-                out.add((node.database, node.schema, node.identifier))
-    return out
+    """Environment identifiers other than the node's own name (an alias; dbt 1.x has no listing
+    in Jinja and probes the project's names plus these)."""
+    return {(node.database, node.schema, node.identifier) for _, node in _env_nodes(envs, project)
+            if node.identifier.lower() != node.unique_id.split(".")[2].lower()}
 
 
 def _load_chain(ctx: PortableContext, specs, warn: Warn) -> List[chain.Environment]:

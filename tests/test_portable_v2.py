@@ -176,7 +176,7 @@ def test_state_writes_one_merged_manifest_with_the_chain_per_node(v2):
     done = v2.defer("state", "-s", "customers")
     assert done.returncode == 0, done.stdout + done.stderr
     folder = Path(done.stdout.strip().splitlines()[-1])  # the last line is the folder
-    assert folder == v2.target / "dbt_defer_state"
+    assert folder == v2.target / "dbt_defer_portable"
     merged = json.loads((folder / "manifest.json").read_text())
     assert merged["metadata"]["dbt_schema_version"].endswith("/manifest/v12.json")
     nodes = merged["nodes"]
@@ -288,11 +288,11 @@ def test_the_guard_refuses_before_any_dbt_starts(v2):
     assert "refusing to write model.dbt_defer_integration_tests.customers into" in done.stderr
     assert "no dbt was started and nothing was written" in done.stderr
     assert not (v2.target / "run_results.json").exists()
-    assert not (v2.target / "dbt_defer_state").exists()
+    assert not (v2.target / "dbt_defer_portable").exists()
     assert v2.relations("prod") == before
     done = v2.defer("state", "-s", "customers", "--target", "oops")
     assert done.returncode == 1 and "refusing to write" in done.stderr
-    assert not (v2.target / "dbt_defer_state").exists()
+    assert not (v2.target / "dbt_defer_portable").exists()
 
 
 def test_a_ref_found_nowhere_is_recorded_missing(v2):

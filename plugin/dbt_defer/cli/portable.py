@@ -56,7 +56,7 @@ def register(sub: Any) -> None:
                         help="the nodes you will build (dbt selectors); they are never deferred")
     parser.add_argument("--exclude", nargs="+", action="extend", metavar="SELECTOR", default=[])
     parser.add_argument("--selector", metavar="NAME")
-    parser.add_argument("--out", metavar="DIR", help="where to write (default: <target-path>/dbt_defer_state)")
+    parser.add_argument("--out", metavar="DIR", help="where to write (default: <target-path>/dbt_defer_portable)")
     parser.add_argument("--favor-state", action="store_true", help="dev_relations: never")
     parser.add_argument("--store-failures", action="store_true", help="the tests will store failures (guarded)")
     parser.add_argument("--as", dest="as_command", choices=("build", "compile"), default="build",

@@ -46,7 +46,7 @@ from dbt_defer.resolution import (
 from dbt_defer.version import __version__
 
 SIDECAR = "dbt_defer_state.json"
-STATE_FOLDER = "dbt_defer_state"  # under the target path, by default
+STATE_FOLDER = "dbt_defer_portable"  # under the target path, by default
 BUILDING = frozenset({"run", "build", "seed", "snapshot", "clone"})
 
 Warn = Callable[[str], None]
@@ -355,7 +355,7 @@ def _check_folder(ctx: PortableContext, folder: str, envs) -> None:
     real = os.path.realpath(folder)
     if real == os.path.realpath(ctx.target_path):
         raise StateError(f"dbt-defer: --out {folder} is the target path, where dbt writes its own manifest.json; "
-                         "use a folder of its own (default: <target-path>/dbt_defer_state)", 2)
+                         "use a folder of its own (default: <target-path>/dbt_defer_portable)", 2)
     for env in envs:
         if env.spec.is_uri:
             continue

@@ -26,7 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 def _pyproject_dependency(name: str) -> SpecifierSet:
     import tomllib
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith(name) for d in project["dependencies"])  # a dbt Core v2 user gets no dbt 1.x
+    deps = project["optional-dependencies"]["dbt1"]  # pip checks the range with [dbt1] or an adapter extra
+    assert all(name in " ".join(project["optional-dependencies"][x]) for x in ("duckdb", "postgres", "spark"))
     spec = next(d for d in deps if d.startswith(name + ">") or d.startswith(name + "="))
     return SpecifierSet(spec[len(name):])
 

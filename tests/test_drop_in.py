@@ -143,6 +143,41 @@ def test_graph_defer_relation_is_the_chains_choice(fresh):
     assert p.query(f'select deferred_schema from "{p.schema("dev")}"."where_deferred"') == [(p.schema("prod"),)]
 
 
+DEFERRED_RECORDS = """
+{% if execute %}{% for uid in var('uids') %}
+{% do log('deferred-record ' ~ uid ~ ' ' ~ tojson(graph.nodes[uid].defer_relation, sort_keys=true), info=true) %}
+{% endfor %}{% endif %}
+select 1 as x
+"""
+
+
+def _deferred_records(result) -> dict:
+    lines = [m["msg"].split(" ", 2) for m in result.messages if m["msg"].startswith("deferred-record ")]
+    return {uid: json.loads(text) for _, uid, text in lines}
+
+
+def test_graph_defer_relation_has_every_field_dbt_fills_from_its_state(fresh):
+    """SPEC §4: the deferred record carries relation_name, compiled_code, description, meta,
+    tags and config of the chosen environment's node, exactly as dbt's --defer from that state."""
+    p = fresh
+    uids = [p.uid("customers"), p.uid("stg_customers"), p.uid("raw_orders", "seed"),
+            p.uid("customers_snapshot", "snapshot")]
+    # the project's own version differs from prod's: its code, meta, tags and config
+    p.write("models/marts/customers.sql", "{{ config(materialized='view', tags=['branch'], meta={'owner': 'me'}) }}\n"
+            + p.read("models/marts/customers.sql"))
+    p.write("models/marts/deferred_records.sql", DEFERRED_RECORDS)
+    settings = ["--vars", json.dumps({"uids": uids})]
+    native = _deferred_records(dbt(p, "run", "-s", "deferred_records", "--defer", "--state", "prod-artifacts",
+                                   *settings, env={}))
+    chain = _deferred_records(dbt(p, "run", "-s", "deferred_records", *settings, env=PROD_ONLY))
+    assert sorted(native) == sorted(chain) == sorted(uids)
+    assert native[p.uid("customers")]["relation_name"] == rel(p, "prod", "customers")
+    assert native[p.uid("customers")]["config"]["materialized"] == "table"
+    assert native[p.uid("stg_customers")]["compiled_code"]
+    for uid in uids:
+        assert chain[uid] == native[uid], uid
+
+
 @pytest.mark.skipif(tuple(int(x) for x in dbt_version.split(".")[:2]) < (1, 11), reason="functions: dbt >= 1.11")
 def test_functions_are_deferred_through_the_chain(envs, tmp_path):
     if envs.adapter != "postgres":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable, FrozenSet, Iterable, List, Sequence
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
 
 from dbt_defer.artifact_schema import DECODE_ANY
 from dbt_defer.chain import Environment, Location, chain_choice
@@ -22,9 +22,11 @@ Warn = Callable[[str], None]
 
 
 def assign_deferral(manifest: Any, environments: Sequence[Environment], restricted: FrozenSet[str],
-                    exists: Callable[[Location], bool], warn: Warn) -> bool:
+                    exists: Callable[[Location], bool], warn: Warn, chosen: Optional[Dict[str, str]] = None) -> bool:
     """Every node's defer_relation is the chain's choice (None for restricted nodes and nodes no
-    environment serves); True when functions changed."""
+    environment serves); True when functions changed. ``chosen`` gets unique_id -> the name of
+    the environment each defer_relation and defer_function comes from (for the audit)."""
+    chosen = {} if chosen is None else chosen
     for uid, node in list(manifest.nodes.items()):
         if node.resource_type not in ("model", "seed", "snapshot") or node.is_ephemeral_model:
             continue
@@ -32,9 +34,10 @@ def assign_deferral(manifest: Any, environments: Sequence[Environment], restrict
         env = None if uid in restricted else chain_choice(environments, uid, exists)[0]
         if env is not None:
             defer_relation = deferred_record(node, env.manifest.nodes[uid])
+            chosen[uid] = env.name
         if getattr(node, "defer_relation", None) != defer_relation:
             manifest.nodes[uid] = with_defer_relation(manifest, node, defer_relation)
-    return assign_function_deferral(manifest, environments, restricted, warn)
+    return assign_function_deferral(manifest, environments, restricted, warn, chosen)
 
 
 def deferred_record(node: Any, chosen: EnvNode) -> Any:
@@ -136,7 +139,7 @@ def _deferred_relation_class() -> Any:
 
 
 def assign_function_deferral(manifest: Any, environments: Sequence[Environment], restricted: FrozenSet[str],
-                             warn: Warn) -> bool:
+                             warn: Warn, chosen: Optional[Dict[str, str]] = None) -> bool:
     """dbt >= 1.11 functions: ``defer_function`` from the first environment whose
     run_results.json records the function as built; else from the first environment that
     lists it and did not fail it. (A function is not a relation: no listing can confirm it.)"""
@@ -164,6 +167,8 @@ def assign_function_deferral(manifest: Any, environments: Sequence[Environment],
                 warn(f"dbt-defer: environment '{env.name}': cannot read function {uid} ({exc}); skipped")
                 continue
             functions[uid] = dataclasses.replace(function, defer_function=defer_fn)
+            if chosen is not None:
+                chosen[uid] = env.name
             changed = True
             break
     if changed and hasattr(manifest, "_function_lookup"):

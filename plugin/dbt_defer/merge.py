@@ -72,8 +72,13 @@ def deferred_record(node: Any, chosen: EnvNode) -> Any:
     return relation
 
 
+_EMPTY = {b'""': str, b"{}": dict, b"[]": list}
+
+
 def _decoded(raw: Any, kind: type, default: Any) -> Any:
     """A field of the environment's record, decoded; ``default`` when it has another type."""
+    if len(raw) == 2 and _EMPTY.get(bytes(raw)) is kind:  # "", {}, [] (most descriptions, metas, tags)
+        return kind()
     try:
         value = DECODE_ANY.decode(raw)
     except Exception:  # msgspec's errors: a record the loader accepted but this field is not JSON
@@ -88,6 +93,8 @@ def renders(relation_name: Any, location: Location) -> bool:
     if not isinstance(relation_name, str):
         return False
     parts = [p for p in location if p]
+    if relation_name == '"' + '"."'.join(parts) + '"':  # the common case, decided at once
+        return True
     return any(_joined(relation_name, parts[start:]) for start in range(len(parts)))
 
 
@@ -117,14 +124,15 @@ def _deferred_relation_class() -> Any:
 
         def get_config(self: Any) -> Any:
             values = self.__dict__
-            source = values.pop("config_source", None)
-            if source is not None:
+            source = values.get("config_source")
+            if source is not None:  # two threads may both build it (equal); neither sees None
                 raw, current = source
                 config = _decoded(raw, dict, None)
                 try:
                     values["config"] = type(current).from_dict(config) if config is not None else current
                 except Exception:  # a config dbt cannot read: the project's own, as before
                     values["config"] = current
+                values.pop("config_source", None)
             return values.get("config")
 
         def set_config(self: Any, value: Any) -> None:

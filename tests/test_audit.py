@@ -29,7 +29,7 @@ ENV = {"DBT_DEFER": "1", "DBT_DEFER_STAGING_STATE": "staging-artifacts", "DBT_DE
 # tests of the log lines must not depend on what earlier tests left in dev
 NEVER_DEV = {**ENV, "DBT_DEFER_DEV_RELATIONS": "never"}
 PROJECT = "dbt_defer_integration_tests"
-RECORD_KEYS = ["node", "ref", "env", "relation", "reason", "limit", "cross_environment"]
+RECORD_KEYS = ["node", "ref", "env", "relation", "reason", "limit", "kind", "parent_modified", "cross_environment"]
 REL_TEST = "test.dbt_defer_integration_tests.relationships_model_b_id__id__ref_model_a_.ea90810b97"
 
 
@@ -127,6 +127,48 @@ def test_summary_line_of_the_spec():
     # no run results anywhere: the count without an estimate
     summary.update(not_built=1, saved_seconds=None)
     assert audit.summary_line(summary, [r.limit for r in records]).endswith("rows; 1 upstream node not rebuilt")
+
+
+def test_summary_line_names_the_reads_that_are_not_refs():
+    reads = [record("model.p.a", "model.p.x", "prod"),
+             audit.Record("model.p.a", "model.p.x", "prod", "r", "deferred", None, kind=audit.FOREIGN_KEY),
+             audit.Record("model.p.a", "function.p.f", "staging", "r", "deferred", None, kind=audit.FUNCTION)]
+    summary = audit.summarize(reads, ["staging", "prod"])
+    assert audit.summary_line(summary, [None] * 3, kinds=audit.kinds_read(reads)) == (
+        "dbt-defer: 3 reads resolved (1 ref, 1 function, 1 foreign key): staging 1, prod 2"
+    )
+    clones = [audit.Record(f"model.p.{n}", f"model.p.{n}", "prod", "r", "deferred", None, kind=audit.CLONE) for n in "ab"]
+    assert audit.summary_line(audit.summarize(clones, ["prod"]), [None] * 2, kinds=audit.kinds_read(clones)) == (
+        "dbt-defer: 2 reads resolved (2 cloned nodes): prod 2"
+    )
+    # a ref and a foreign key of one node to one parent are two records
+    recorder = audit.Recorder()
+    assert recorder.add(reads[0]) and recorder.add(reads[1]) and not recorder.add(reads[0])
+    assert len(recorder) == 2
+
+
+# --- a parent you changed, read from another environment (SPEC §5) ----------------------------
+
+
+def test_a_changed_parent_read_from_an_environment_is_flagged_and_warned_once(envs):
+    project = envs
+    stg_orders = project.read("models/staging/stg_orders.sql")
+    orders = project.read("models/marts/orders.sql")
+    with project.edited("models/staging/stg_orders.sql", stg_orders.replace("amount\n", "amount, amount > 0 as is_fulfilled\n")), \
+            project.edited("models/marts/orders.sql", orders.replace("o.amount\n", "o.amount, o.is_fulfilled\n")):
+        assert "is_fulfilled" in project.read("models/marts/orders.sql")
+        res = project.dbt("run", "-s", "orders", "customers", env=NEVER_DEV, expect=False)
+    records = project.resolutions()
+    changed = records[(uid("orders"), uid("stg_orders"))]
+    assert (changed["env"], changed["reason"], changed["parent_modified"]) == ("staging", "deferred", True)
+    # the ephemeral int_order_totals (compiled into customers) reads the same changed parent
+    assert records[(uid("int_order_totals"), uid("stg_orders"))]["parent_modified"] is True
+    assert records[(uid("customers"), uid("stg_customers"))]["parent_modified"] is False
+    warnings = [m["msg"] for m in ours(res, "warn") if "differs from" in m["msg"]]
+    assert len(warnings) == 1, warnings
+    assert f"reads {uid('stg_orders')} from staging, but your stg_orders differs from staging's copy" in warnings[0]
+    assert "build both: dbt build -s stg_orders " in warnings[0] and "state:modified+" in warnings[0]
+    assert str(res.node_results()[uid("orders")].status) == "error"  # the warehouse's "column does not exist"
 
 
 def test_savings_take_each_node_from_the_first_environment_that_built_it():
@@ -240,7 +282,8 @@ def test_artifact_content(build_b):
     project, _ = build_b
     got = {(r["node"], r["ref"]): r for r in project.audit()["resolutions"]}
     row = lambda env, relation, reason, limit=None, cross=False: {  # noqa: E731
-        "env": env, "relation": relation, "reason": reason, "limit": limit, "cross_environment": cross
+        "env": env, "relation": relation, "reason": reason, "limit": limit, "kind": "ref", "parent_modified": False,
+        "cross_environment": cross,
     }
     expected = {
         # customers refs stg_customers (in staging) and the ephemeral int_order_totals, which refs stg_orders

@@ -123,6 +123,13 @@ def test_clone_reads_each_node_from_the_environment_that_has_it(fresh):
     run = p.target / "run" / PROJECT / "models"
     assert f'"{p.schema("staging")}"."stg_customers"' in (run / "staging" / "stg_customers.sql").read_text()
     assert f'"{p.schema("prod")}"."customers"' in (run / "marts" / "customers.sql").read_text()
+    # SPEC §5: one audit record per cloned node, naming the environment it was copied from
+    records = {(r["node"], r["kind"]): r for r in p.audit()["resolutions"]}
+    assert {k: (r["ref"], r["env"], r["reason"], r["relation"]) for k, r in records.items()} == {
+        (p.uid("stg_customers"), "clone"): (p.uid("stg_customers"), "staging", "deferred", rel(p, "staging", "stg_customers")),
+        (p.uid("customers"), "clone"): (p.uid("customers"), "prod", "deferred", rel(p, "prod", "customers")),
+    }
+    assert any(m.startswith("dbt-defer: 2 reads resolved (2 cloned nodes): staging 1, prod 1") for m in infos(res))
 
 
 def test_clone_never_copies_a_restricted_node(fresh):
@@ -141,6 +148,41 @@ def test_graph_defer_relation_is_the_chains_choice(fresh):
     )
     dbt(p, "run", "-s", "where_deferred")
     assert p.query(f'select deferred_schema from "{p.schema("dev")}"."where_deferred"') == [(p.schema("prod"),)]
+
+
+DEFERRED_RECORDS = """
+{% if execute %}{% for uid in var('uids') %}
+{% do log('deferred-record ' ~ uid ~ ' ' ~ tojson(graph.nodes[uid].defer_relation, sort_keys=true), info=true) %}
+{% endfor %}{% endif %}
+select 1 as x
+"""
+
+
+def _deferred_records(result) -> dict:
+    lines = [m["msg"].split(" ", 2) for m in result.messages if m["msg"].startswith("deferred-record ")]
+    return {uid: json.loads(text) for _, uid, text in lines}
+
+
+def test_graph_defer_relation_has_every_field_dbt_fills_from_its_state(fresh):
+    """SPEC §4: the deferred record carries relation_name, compiled_code, description, meta,
+    tags and config of the chosen environment's node, exactly as dbt's --defer from that state."""
+    p = fresh
+    uids = [p.uid("customers"), p.uid("stg_customers"), p.uid("raw_orders", "seed"),
+            p.uid("customers_snapshot", "snapshot")]
+    # the project's own version differs from prod's: its code, meta, tags and config
+    p.write("models/marts/customers.sql", "{{ config(materialized='view', tags=['branch'], meta={'owner': 'me'}) }}\n"
+            + p.read("models/marts/customers.sql"))
+    p.write("models/marts/deferred_records.sql", DEFERRED_RECORDS)
+    settings = ["--vars", json.dumps({"uids": uids})]
+    native = _deferred_records(dbt(p, "run", "-s", "deferred_records", "--defer", "--state", "prod-artifacts",
+                                   *settings, env={}))
+    chain = _deferred_records(dbt(p, "run", "-s", "deferred_records", *settings, env=PROD_ONLY))
+    assert sorted(native) == sorted(chain) == sorted(uids)
+    assert native[p.uid("customers")]["relation_name"] == rel(p, "prod", "customers")
+    assert native[p.uid("customers")]["config"]["materialized"] == "table"
+    assert native[p.uid("stg_customers")]["compiled_code"]
+    for uid in uids:
+        assert chain[uid] == native[uid], uid
 
 
 @pytest.mark.skipif(tuple(int(x) for x in dbt_version.split(".")[:2]) < (1, 11), reason="functions: dbt >= 1.11")
@@ -163,8 +205,46 @@ def test_functions_are_deferred_through_the_chain(envs, tmp_path):
         assert p.query(f'select doubled from "{p.schema("dev")}"."double_it_model"') == [(2.0,)]
         compiled = (p.target / "compiled" / PROJECT / "models" / "fn" / "double_it_model.sql").read_text()
         assert f'"{p.schema("prod")}"' in compiled or f'"{p.schema("staging")}"' in compiled, compiled
+        # SPEC §5: the function() call is an audit record like a ref
+        [read] = [r for r in p.audit()["resolutions"] if r["kind"] == "function"]
+        assert (read["node"], read["ref"], read["reason"]) == (
+            p.uid("double_it_model"), f"function.{PROJECT}.double_it", "deferred")
+        assert read["env"] in ("staging", "prod") and f'"{p.schema(read["env"])}"' in read["relation"]
+        assert read["relation"] in compiled
     finally:
         p.drop_schemas()
+
+
+FOREIGN_KEY = """
+models:
+  - name: order_facts
+    config: {contract: {enforced: true}, materialized: table}
+    columns:
+      - name: order_id
+        data_type: integer
+      - name: customer_id
+        data_type: integer
+        constraints:
+          - type: foreign_key
+            to: ref('customers')
+            to_columns: [customer_id]
+"""
+
+
+@pytest.mark.skipif(tuple(int(x) for x in dbt_version.split(".")[:2]) < (1, 9), reason="foreign key to: dbt >= 1.9")
+def test_a_foreign_key_to_an_unselected_ref_is_an_audit_record(fresh):
+    p = fresh
+    p.write("models/marts/order_facts.sql", "select 1 as order_id, 1 as customer_id\n")
+    p.write("models/marts/_order_facts.yml", FOREIGN_KEY)
+    res = dbt(p, "compile", "-s", "order_facts")
+    [read] = [r for r in p.audit()["resolutions"] if r["kind"] == "foreign_key"]
+    node = json.loads((p.target / "manifest.json").read_text())["nodes"][p.uid("order_facts")]
+    [rendered] = [c["to"] for col in node["columns"].values() for c in col["constraints"] if c["type"] == "foreign_key"]
+    assert (read["node"], read["ref"], read["relation"]) == (p.uid("order_facts"), p.uid("customers"), rendered)
+    # staging lists customers but only prod built it; dbt >= 1.12 reads the deferred relation
+    if tuple(int(x) for x in dbt_version.split(".")[:2]) >= (1, 12):
+        assert (read["env"], read["reason"], rendered) == ("prod", "deferred", rel(p, "prod", "customers"))
+    assert any(m.startswith("dbt-defer: 1 read resolved (1 foreign key)") for m in infos(res)), infos(res)
 
 
 # --- SPEC §4.6: nothing found renders dbt's own relation ---------------------------------------

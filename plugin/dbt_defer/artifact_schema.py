@@ -22,6 +22,10 @@ class _Config(msgspec.Struct):
     enabled: bool = True
 
 
+_EMPTY_STR, _NULL, _EMPTY_OBJECT, _EMPTY_LIST = (msgspec.Raw(b'""'), msgspec.Raw(b"null"),
+                                                 msgspec.Raw(b"{}"), msgspec.Raw(b"[]"))
+
+
 class _Node(msgspec.Struct):
     resource_type: str = ""
     database: Optional[str] = None
@@ -31,9 +35,16 @@ class _Node(msgspec.Struct):
     name: str = ""
     package_name: str = ""
     relation_name: Optional[str] = None
-    config: _Config = msgspec.field(default_factory=_Config)
+    # kept encoded (a slice of the file, no copy): decoded only for the environment the chain
+    # picks for a node (``DECODE_CONFIG`` for its materialized/enabled at load)
+    config: msgspec.Raw = _EMPTY_OBJECT
     checksum: _Checksum = msgspec.field(default_factory=_Checksum)
     unrendered_config: Dict[str, Any] = msgspec.field(default_factory=dict)
+    # what dbt's deferral record copies from the state's node (SPEC §4), kept encoded too
+    description: msgspec.Raw = _EMPTY_STR
+    compiled_code: msgspec.Raw = _NULL
+    meta: msgspec.Raw = _EMPTY_OBJECT
+    tags: msgspec.Raw = _EMPTY_LIST
 
 
 class _Metadata(msgspec.Struct):
@@ -70,5 +81,7 @@ class _RunResults(msgspec.Struct):
 
 
 DECODE_MANIFEST = msgspec.json.Decoder(_Manifest)
+DECODE_CONFIG = msgspec.json.Decoder(_Config)
+DECODE_ANY = msgspec.json.Decoder()
 DECODE_RESULTS = msgspec.json.Decoder(_RunResults)
 DECODE_METADATA_ONLY = msgspec.json.Decoder(_MetadataOnly)

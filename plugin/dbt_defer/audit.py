@@ -32,6 +32,12 @@ AUDIT_FILE = "dbt_defer_audit.json"
 REFUSED, FAILED = "refused", "failed"
 
 
+# what a record reads (``Record.kind``): every deferred read is recorded, not only ref() (SPEC §5)
+REF, FUNCTION, FOREIGN_KEY, CLONE = "ref", "function", "foreign_key", "clone"
+_KIND_NOUNS = {REF: ("ref", "refs"), FUNCTION: ("function", "functions"),
+               FOREIGN_KEY: ("foreign key", "foreign keys"), CLONE: ("cloned node", "cloned nodes")}
+
+
 @dataclass(frozen=True)
 class Record:
     node: str
@@ -41,15 +47,21 @@ class Record:
     reason: str
     limit: Optional[int]
     is_test: bool = False
+    kind: str = REF
+    # the project's own version of ``ref`` differs from the copy read in ``env`` (SPEC §5)
+    parent_modified: bool = False
 
     def as_dict(self, cross_environment: bool = False) -> Dict[str, Any]:
-        """The record as written to the artifact: the SPEC §5 fields + ``cross_environment``.
+        """The record as written to the artifact: the SPEC §5 fields + ``kind``,
+        ``parent_modified`` and ``cross_environment``.
 
         Every record has the same keys; ``cross_environment`` is true only on the records of a
         data test whose refs resolve to more than one environment.
         """
         out = asdict(self)
         del out["is_test"]
+        out["kind"] = out.pop("kind")
+        out["parent_modified"] = out.pop("parent_modified")
         out["cross_environment"] = bool(cross_environment and self.is_test)
         return out
 
@@ -60,8 +72,8 @@ class Recorder:
         self._records: Dict[Tuple[str, str], Record] = {}
 
     def add(self, record: Record) -> bool:
-        """Keep the record; True when it is new for its (node, ref) pair."""
-        key = (record.node, record.ref)
+        """Keep the record; True when it is new for its (node, ref, kind)."""
+        key = (record.node, record.ref, record.kind)
         with self._lock:
             is_new = key not in self._records
             self._records[key] = record  # a re-compile of the same node keeps the latest answer
@@ -143,13 +155,28 @@ def _names(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def summary_line(summary: Dict[str, Any], limits: Iterable[Optional[int]], measured_in: Sequence[str] = ()) -> str:
+def kinds_read(records: Iterable[Record]) -> Dict[str, int]:
+    """How many records of each kind, in the order of ``_KIND_NOUNS``."""
+    counts: Dict[str, int] = {}
+    for r in records:
+        counts[r.kind] = counts.get(r.kind, 0) + 1
+    return {kind: counts[kind] for kind in _KIND_NOUNS if kind in counts}
+
+
+def summary_line(summary: Dict[str, Any], limits: Iterable[Optional[int]], measured_in: Sequence[str] = (),
+                 kinds: Optional[Dict[str, int]] = None) -> str:
     """The info line at the end of a deferred run (SPEC §5). ``measured_in``: the environments
-    the saved seconds come from (``Savings.measured_in``)."""
+    the saved seconds come from (``Savings.measured_in``); ``kinds``: ``kinds_read`` of the
+    records ("14 refs resolved" when they are all refs, else "16 reads resolved (14 refs,
+    2 foreign keys)")."""
     envs = {k: v for k, v in summary.items() if k not in NOT_COUNTED}
     total = sum(envs.values())
     parts = ", ".join(f"{k} {v}" for k, v in envs.items())
-    line = f"dbt-defer: {total} ref{'s' if total != 1 else ''} resolved"
+    if not kinds or set(kinds) == {REF}:
+        line = f"dbt-defer: {total} ref{'s' if total != 1 else ''} resolved"
+    else:
+        each = ", ".join(f"{n} {_KIND_NOUNS[k][n != 1]}" for k, n in kinds.items())
+        line = f"dbt-defer: {total} read{'s' if total != 1 else ''} resolved ({each})"
     if parts:
         line += f": {parts}"
     if summary.get("limited"):

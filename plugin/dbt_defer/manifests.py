@@ -20,7 +20,7 @@ from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import msgspec
 
-from dbt_defer.artifact_schema import DECODE_MANIFEST, DECODE_METADATA_ONLY, DECODE_RESULTS
+from dbt_defer.artifact_schema import DECODE_CONFIG, DECODE_MANIFEST, DECODE_METADATA_ONLY, DECODE_RESULTS
 from dbt_defer.config import gc_paused, one_line
 from dbt_defer.untrusted import MANIFEST, ManifestError, limit_bytes, read_bounded, reject_nul, unusable_reason
 
@@ -48,6 +48,9 @@ class EnvNode:
     materialized: Optional[str]
     checksum: str
     unrendered_config: Dict[str, Any]
+    # the node's record as dbt's deferral copies it (``artifact_schema._Node``: relation_name,
+    # and description, compiled_code, meta, tags, config still encoded); None for hand-made nodes
+    record: Any = None
 
     @property
     def location(self) -> Tuple[Optional[str], Optional[str], str]:
@@ -256,11 +259,17 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
     for uid, n in (parsed.sources or {}).items():
         relations.setdefault((n.database, n.schema, n.identifier or n.name), uid)
     for uid, n in parsed.nodes.items():
-        if n.resource_type in OWNS_RELATION and n.config.enabled and (n.alias or n.name):
-            relations.setdefault((n.database, n.schema, n.alias or n.name), uid)
-        if n.resource_type not in REFABLE or not n.config.enabled:
+        if n.resource_type not in REFABLE and n.resource_type not in OWNS_RELATION:
             continue
-        if n.config.materialized != "ephemeral":
+        try:
+            config = DECODE_CONFIG.decode(n.config)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            raise _not_a_manifest(env_name, path, f"{uid}: config {one_line(exc, pick='all', limit=120)}") from None
+        if n.resource_type in OWNS_RELATION and config.enabled and (n.alias or n.name):
+            relations.setdefault((n.database, n.schema, n.alias or n.name), uid)
+        if n.resource_type not in REFABLE or not config.enabled:
+            continue
+        if config.materialized != "ephemeral":
             relations[(n.database, n.schema, n.alias or n.name)] = uid
             line = unusable_reason(
                 path, uid, {"database": n.database, "schema": n.schema, "identifier": n.alias or n.name}
@@ -273,9 +282,10 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
             database=n.database,
             schema=n.schema,
             identifier=n.alias or n.name,
-            materialized=n.config.materialized,
+            materialized=config.materialized,
             checksum=n.checksum.checksum,
             unrendered_config=n.unrendered_config,
+            record=n,
         )
     functions: Dict[str, Dict[str, Any]] = {}
     for uid, raw_function in (parsed.functions or {}).items():

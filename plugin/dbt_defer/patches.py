@@ -14,12 +14,15 @@ Patched (checked on dbt-core 1.8.x, 1.9.x, 1.10.x, 1.11.x and 1.12.x; ``CHECKED_
    relation a ``ref()`` renders to: apply the chain rules (SPEC §4), limits and audit; in
    native mode dbt decides and the plugin records (and limits, when configured).
 4. ``dbt.task.base.BaseRunner.compile_and_execute`` — a node the write guard refused fails
-   here, before it compiles or executes; dbt then skips its descendants (SPEC §7).
+   here, before it compiles or executes; dbt then skips its descendants (SPEC §7). ``dbt clone``
+   records here which environment each node is copied from (the audit only).
 5. ``dbt.cli.requires.parse_manifest`` — before dbt parses (and writes ``manifest.json`` into
    the target path), refuse a ``--target-path`` inside a chain environment's state folder.
 6. ``dbt.compilation.Compiler._compile_code`` — where dbt renders a node's SQL (models, tests,
    snapshots, ephemeral CTEs, on-run-start/end hooks, ``show``/inline nodes): give each
-   subquery dbt-defer limited its alias (``limits.resolve``; only the spans it marked).
+   subquery dbt-defer limited its alias (``limits.resolve``; only the spans it marked), and
+   record the other reads dbt resolved there: foreign-key ``to:`` targets and ``function()``
+   calls (the audit only; dbt's SQL is unchanged).
 
 With deferral off each patched function calls dbt's original at once (the plugin is inert).
 
@@ -141,7 +144,13 @@ def _create_relation(self: Any, target_model: Any) -> Any:
 
 
 def _compile_code(self: Any, node: Any, *args: Any, **kwargs: Any) -> Any:
+    session = _ACTIVE
+    observe = session is not None and session.merged and not session.plain
+    foreign_keys = session.foreign_keys_of(node) if observe else []
     compiled = _ORIGINALS["compile_code"](self, node, *args, **kwargs)
+    if observe:  # the reads dbt resolved while compiling it: foreign keys, function() (SPEC §5)
+        manifest = args[0] if args else kwargs.get("manifest")
+        session.record_compiled(compiled if compiled is not None else node, manifest, foreign_keys)
     if _ACTIVE is None or getattr(node, "language", "sql") == "python":
         return compiled
     code = getattr(compiled, "compiled_code", None)
@@ -158,6 +167,8 @@ def _compile_and_execute(self: Any, manifest: Any, ctx: Any) -> Any:
             from dbt_common.exceptions import DbtRuntimeError
 
             raise DbtRuntimeError(message)
+    if session is not None and session.merged and not session.plain:
+        session.record_clone(self.node)  # dbt clone: where each node is copied from (SPEC §5)
     return _ORIGINALS["compile_and_execute"](self, manifest, ctx)
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, Optional, Tuple
+import threading
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 from dbt_common.events.base_types import EventLevel
 from dbt_common.exceptions import CompilationError
@@ -24,6 +25,7 @@ from dbt_defer import audit, guard, limits
 from dbt_defer.chain import Location, render
 from dbt_defer.config import DEV
 from dbt_defer.events import log
+from dbt_defer.manifests import REFABLE
 from dbt_defer.resolution import (
     DEFERRED,
     DEV_EXISTS,
@@ -48,6 +50,8 @@ class RefResolution:
     def __init__(self, session: Any) -> None:
         self.session = session
         self._modified_cache: Dict[Tuple[str, str], bool] = {}
+        self._warned_parents: Set[str] = set()
+        self._lock = threading.Lock()
 
     def relation_for(self, resolver: Any, target: Any, original: Any) -> Any:
         node = resolver.model
@@ -157,7 +161,9 @@ class RefResolution:
         key = (target.unique_id, env_name)
         cached = self._modified_cache.get(key)
         if cached is None:
-            env = next(e for e in self.session.environments if e.name == env_name)
+            env = next((e for e in self.session.environments if e.name == env_name), None)
+            if env is None:  # native mode without a loaded state: nothing to compare with
+                return False
             other = env.manifest.nodes.get(target.unique_id)
             checksum = getattr(getattr(target, "checksum", None), "checksum", "")
             cached = (
@@ -168,9 +174,13 @@ class RefResolution:
             self._modified_cache[key] = cached
         return cached
 
-    def _record(self, node: Any, target: Any, env: str, reason: str, relation: str, limit: Optional[int]) -> bool:
-        """Keep one audit record per (node, ref); True when it is new. ``DEV`` is recorded as the
-        running target's name (SPEC §3)."""
+    def _record(self, node: Any, target: Any, env: str, reason: str, relation: str, limit: Optional[int],
+                kind: str = audit.REF) -> bool:
+        """Keep one audit record per (node, ref, kind); True when it is new. ``DEV`` is recorded
+        as the running target's name (SPEC §3). A parent read from an environment whose copy
+        differs from the project's own version is flagged, and said once per parent."""
+        modified = reason == DEFERRED and kind != audit.CLONE and target.unique_id.split(".")[0] in REFABLE \
+            and self._modified(target, env)
         record = audit.Record(
             node=node.unique_id,
             ref=target.unique_id,
@@ -179,10 +189,92 @@ class RefResolution:
             reason=reason,
             limit=limit,
             is_test=node.resource_type == "test",
+            kind=kind,
+            parent_modified=modified,
         )
         is_new = self.session.recorder.add(record)
         if is_new and env not in (DEV, EPHEMERAL):
             limited = f" (limit {limit})" if limit is not None else ""
-            log(f"dbt-defer: {record.node} -> {record.ref}: {env} {relation}{limited}", EventLevel.DEBUG)
+            what = "" if kind == audit.REF else f" ({kind.replace('_', ' ')})"
+            log(f"dbt-defer: {record.node} -> {record.ref}{what}: {env} {relation}{limited}", EventLevel.DEBUG)
+        if modified:
+            self._warn_modified_parent(node, target, env)
         return is_new
+
+    def _warn_modified_parent(self, node: Any, target: Any, env: str) -> None:
+        """SPEC §5: once per parent and run — the most common cause of "column does not exist"."""
+        with self._lock:
+            if target.unique_id in self._warned_parents:
+                return
+            self._warned_parents.add(target.unique_id)
+        log(
+            f"dbt-defer: {node.unique_id} reads {target.unique_id} from {env}, but your {target.name} differs "
+            f"from {env}'s copy (its code or config changed), so {node.name} does not see your change; build both: "
+            f"dbt build -s {target.name} {node.name} (or -s state:modified+)",
+            EventLevel.WARN,
+        )
+
+    # --- deferred reads other than ref() (SPEC §5): foreign keys, functions, dbt clone ---------------
+
+    def _chosen_env(self, unique_id: str) -> str:
+        """The environment whose copy a defer_relation/defer_function is: the chain's choice;
+        native mode: dbt's own --state, named as ``_observe`` names it."""
+        env = self.session.chosen.get(unique_id)
+        if env is None:
+            env = self.session.environments[0].name if self.session.environments else "prod"
+        return env
+
+    def record_foreign_keys(self, node: Any, manifest: Any, before: Sequence[Tuple[Any, str]], render: Any) -> None:
+        """The ``to: ref(...)`` targets of ``node``'s foreign-key constraints, as dbt compiled them
+        (``before``: (constraint, its expression before compiling); ``render``: a relation-like
+        object -> its SQL text, as dbt renders it)."""
+        for constraint, expression in before:
+            rendered = getattr(constraint, "to", None)
+            if not isinstance(rendered, str) or rendered == expression:
+                continue  # not compiled (dbt raised), or already a relation
+            try:
+                target = manifest.find_node_from_ref_or_source(expression)
+            except Exception:  # dbt's own error is what the user sees
+                continue
+            if target is None or getattr(target, "resource_type", None) not in REFABLE:
+                continue  # sources are never deferred
+            deferred = getattr(target, "defer_relation", None)
+            if deferred is not None and rendered == render(deferred):
+                env, reason = self._chosen_env(target.unique_id), DEFERRED
+            else:
+                env, reason = self._own_read(target)
+            self._record(node, target, env, reason, rendered, None, kind=audit.FOREIGN_KEY)
+
+    def _own_read(self, target: Any) -> Tuple[str, str]:
+        """(env, reason) of a read of the current target's own relation of ``target``."""
+        uid = target.unique_id
+        if uid in self.session.restricted:
+            return DEV, RESTRICTED
+        if uid in self.session._selected_now():
+            return DEV, SELECTED
+        location = (target.database, target.schema, getattr(target, "alias", None) or target.name)
+        checker = self.session.checker
+        return (DEV, DEV_EXISTS) if checker is None or checker.exists(location) else (MISSING, MISSING)
+
+    def record_functions(self, node: Any, reads: Sequence[Tuple[Any, bool, str]]) -> None:
+        """``function()`` calls of ``node`` (dbt >= 1.11): (function, read its defer_function?,
+        the relation dbt rendered), as ``patches`` observed dbt's own choice."""
+        for function, deferred, rendered in reads:
+            if deferred:
+                env, reason = self._chosen_env(function.unique_id), DEFERRED
+            elif function.unique_id in self.session._selected_now():
+                env, reason = DEV, SELECTED
+            else:
+                env, reason = DEV, DEV_EXISTS
+            self._record(node, function, env, reason, rendered, None, kind=audit.FUNCTION)
+
+    def record_clone(self, node: Any, render: Any) -> None:
+        """``dbt clone``: which environment ``node`` is copied from (its defer_relation)."""
+        deferred = getattr(node, "defer_relation", None)
+        if deferred is not None:
+            self._record(node, node, self._chosen_env(node.unique_id), DEFERRED, render(deferred), None,
+                         kind=audit.CLONE)
+        else:  # nothing to copy: dbt's clone materialization says so; restricted nodes never are
+            env, reason = self._own_read(node)
+            self._record(node, node, env, reason, render(node), None, kind=audit.CLONE)
 

@@ -84,6 +84,8 @@ class DeferSession:
         self.recorder = audit.Recorder()
         self.restricted: FrozenSet[str] = frozenset()
         self.refused: Dict[str, str] = {}  # unique_id -> the guard's line; these nodes fail
+        # unique_id -> the environment whose copy its defer_relation / defer_function is (merge)
+        self.chosen: Dict[str, str] = {}
         self.checker: Optional[ExistenceChecker] = None
         self._selected_src: Any = None
         self._selected: FrozenSet[str] = frozenset()
@@ -172,7 +174,8 @@ class DeferSession:
         """The chain's choice into every node (``merge.assign_deferral``); True when functions
         changed. 20,000 nodes get a new copy each: the cyclic GC is paused meanwhile."""
         with gc_paused():
-            return merge.assign_deferral(manifest, self.environments, self.restricted, self.checker.exists, _warn)
+            return merge.assign_deferral(manifest, self.environments, self.restricted, self.checker.exists, _warn,
+                                         self.chosen)
 
     def _guard(self, task: Any, suspects: Dict[str, str]) -> None:
         """SPEC §7: selected nodes that would write a chain relation fail before executing (their
@@ -235,6 +238,52 @@ class DeferSession:
     def relation_for(self, resolver: Any, target: Any, original: Any) -> Any:
         return self.refs.relation_for(resolver, target, original)
 
+    # --- deferred reads other than ref() (SPEC §5), observed after dbt resolved them -----------
+
+    def foreign_keys_of(self, node: Any) -> List[Any]:
+        """(constraint, its ``to:`` expression) of ``node``'s foreign keys, before dbt compiles
+        them into relations (dbt >= 1.12 resolves them to the deferred relation)."""
+        if getattr(node, "resource_type", None) != "model":
+            return []
+        try:
+            return [(c, c.to) for c in getattr(node, "all_constraints", None) or ()
+                    if getattr(c, "type", None) == "foreign_key" and isinstance(getattr(c, "to", None), str)]
+        except Exception:  # a node dbt cannot list constraints of: dbt says so itself
+            return []
+
+    def record_compiled(self, node: Any, manifest: Any, foreign_keys: List[Any]) -> None:
+        """The audit records of ``node``'s foreign-key targets and ``function()`` calls; a failure
+        is one warning line, never the run's outcome."""
+        if not foreign_keys and not getattr(node, "functions", None):
+            return
+        try:
+            from dbt.adapters.factory import get_adapter
+
+            adapter = get_adapter(self.task.config)
+            if foreign_keys:
+                self.refs.record_foreign_keys(
+                    node, manifest, foreign_keys, lambda r: str(adapter.Relation.create_from(self.task.config, r))
+                )
+            reads = _function_reads(node, manifest, adapter, self.task.config)
+            if reads:
+                self.refs.record_functions(node, reads)
+        except Exception as exc:
+            log(f"dbt-defer: could not record the foreign keys and functions of {getattr(node, 'unique_id', node)} "
+                f"in the audit ({one_line(exc)}); the run is not affected", EventLevel.WARN)
+
+    def record_clone(self, node: Any) -> None:
+        """``dbt clone``: one record per node copied (from which environment)."""
+        if audit.command_of(self.task) != "clone" or getattr(node, "resource_type", None) not in ("model", "seed", "snapshot"):
+            return
+        try:
+            from dbt.adapters.factory import get_adapter
+
+            adapter = get_adapter(self.task.config)
+            self.refs.record_clone(node, lambda r: str(adapter.Relation.create_from(self.task.config, r)))
+        except Exception as exc:
+            log(f"dbt-defer: could not record the clone of {node.unique_id} in the audit ({one_line(exc)}); "
+                "the run is not affected", EventLevel.WARN)
+
     # --- the end -------------------------------------------------------------------------
 
     def finish(self, error: Optional[BaseException] = None) -> None:
@@ -268,7 +317,8 @@ class DeferSession:
             if self.cfg.audit_table and records and not self.cfg.explain:
                 audit_table.append(task, document, self.environments, log)
         finally:
-            log(audit.summary_line(document["summary"], (r.limit for r in records), saved.measured_in))
+            log(audit.summary_line(document["summary"], (r.limit for r in records), saved.measured_in,
+                                   audit.kinds_read(records)))
             line = limits.failing_tests_line(records, audit.tests_with_failures(task))
             if line:
                 log(line, EventLevel.WARN)
@@ -289,6 +339,40 @@ class DeferSession:
         except Exception as exc:
             log(f"dbt-defer: could not count the upstream nodes not rebuilt ({one_line(exc)})", EventLevel.WARN)
             return audit.Savings()
+
+
+class _SourceQuoting:
+    quoting: Dict[str, Any] = {}  # what dbt's function resolver renders a function with
+
+
+def _function_reads(node: Any, manifest: Any, adapter: Any, config: Any) -> List[Any]:
+    """(function, read its defer_function?, the relation rendered) of each ``function()`` call
+    of ``node`` (dbt >= 1.11) whose relation dbt rendered into the compiled SQL: the deferred
+    function's or the function's own (dbt's ``RuntimeFunctionResolver`` chose; no warehouse
+    call is made to tell which)."""
+    calls = getattr(node, "functions", None)
+    code = getattr(node, "compiled_code", None)
+    if not calls or not code or not hasattr(manifest, "resolve_function"):
+        return []
+    from dbt.adapters.contracts.relation import RelationType
+
+    def render(function: Any) -> str:
+        return str(adapter.Relation.create_from(_SourceQuoting(), function, type=RelationType.Function))
+
+    reads = []
+    for call in calls:
+        package, name = (None, call[0]) if len(call) == 1 else (call[0], call[1])
+        function = manifest.resolve_function(name, package, config.project_name, node.package_name)
+        if getattr(function, "unique_id", None) is None:  # not found or disabled: dbt raised already
+            continue
+        deferred = getattr(function, "defer_function", None)
+        other = render(deferred) if deferred is not None else None
+        own = render(function)
+        if other is not None and other != own and other in code:
+            reads.append((function, True, other))
+        elif own in code:
+            reads.append((function, False, own))
+    return reads
 
 
 def _note_ignored_defer_state(task: Any, cfg: DeferConfig) -> None:

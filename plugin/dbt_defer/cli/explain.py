@@ -185,6 +185,13 @@ def _read_outcome(result: Any, events: List[Tuple[str, str, str]], audit_path: s
 _SUMMARY_LINE = re.compile(r"^dbt-defer: \d+ refs? resolved")
 
 
+def _read(record: Dict[str, Any], project: str) -> str:
+    """The ref column: the parent, and what reads it when that is not ref() (function, foreign key, clone)."""
+    kind = record.get("kind") or "ref"
+    name = short_id(record["ref"], project)
+    return name if kind == "ref" else f"{name} ({kind.replace('_', ' ')})"
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from dbt_defer import audit
 
@@ -207,12 +214,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 0
     print_table(
         ["node", "ref", "env", "relation", "reason", "limit"],
-        [[short_id(r["node"], ctx.name), short_id(r["ref"], ctx.name), r["env"], r["relation"], r["reason"],
+        [[short_id(r["node"], ctx.name), _read(r, ctx.name), r["env"], r["relation"], r["reason"],
           r.get("limit")] for r in records],
     )
     crossed = sorted({r["node"] for r in records if r.get("cross_environment")})
     for node in crossed:
         say(f"note: {short_id(node, ctx.name)} compares data across environments")
+    changed = sorted({(r["ref"], r["env"]) for r in records if r.get("parent_modified")})
+    for ref, env in changed:
+        say(f"note: {short_id(ref, ctx.name)} is read from {env}, whose copy differs from yours; select it too")
     say("(ids shortened as dbt's own output does; --output json has them in full)")
     say(line or audit.summary_line(document.get("summary", {}), (r.get("limit") for r in records)))
     return 0

@@ -49,3 +49,30 @@ def test_the_listing_compares_names_exactly_ignoring_case():
 def test_the_engine_is_configurable():
     assert executable({}) == ["dbt"]
     assert executable({"DBT_DEFER_DBT": "python -m mydbt"}) == ["python", "-m", "mydbt"]
+
+
+def test_a_dbt_1x_command_without_dbt_core_says_what_to_install(tmp_path):
+    """A dbt Core v2 user has no dbt-core 1.x: the commands that need it say so in one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "dbt_project.yml").write_text("name: p\nprofile: p\n")
+    hide_dbt = (
+        "import sys, importlib.abc\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('dbt', 'dbt_common', 'dbt_adapters', 'agate'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from dbt_defer.cli import main\n"
+        "sys.exit(main(['status', '--project-dir', sys.argv[1]]))\n"
+    )
+    plugin = str(Path(__file__).resolve().parents[1] / "plugin")
+    done = subprocess.run([sys.executable, "-c", hide_dbt, str(tmp_path)], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": plugin}, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "dbt-defer: 'dbt-defer status' needs dbt-core 1.x, which is not installed here (no module dbt); "
+        "install it (pip install \"dbt-defer[dbt1]\") or, on dbt Core v2, use 'dbt-defer state' and 'dbt-defer run'"
+    ]

@@ -85,12 +85,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("dbt-defer: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # one line, no traceback (DBT_DEFER_DEBUG=1 shows it)
-        if truthy(os.environ.get("DBT_DEFER_DEBUG")):
-            raise
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("dbt", "dbt_common", "dbt_adapters", "agate"):
+            return _unexpected(exc)
         say(
-            f"dbt-defer: unexpected error: {type(exc).__name__}: {one_line(exc)} "
-            "(set DBT_DEFER_DEBUG=1 for the traceback)",
+            f"dbt-defer: 'dbt-defer {argv[0] if argv else ''}' needs dbt-core 1.x, which is not installed "
+            f"here (no module {exc.name}); install it (pip install \"dbt-defer[dbt1]\") or, on dbt Core v2, "
+            "use 'dbt-defer state' and 'dbt-defer run'",
             sys.stderr,
         )
-        return 1
+        return 2
+    except Exception as exc:  # one line, no traceback (DBT_DEFER_DEBUG=1 shows it)
+        return _unexpected(exc)
+
+
+def _unexpected(exc: Exception) -> int:
+    if truthy(os.environ.get("DBT_DEFER_DEBUG")):
+        raise exc
+    say(
+        f"dbt-defer: unexpected error: {type(exc).__name__}: {one_line(exc)} "
+        "(set DBT_DEFER_DEBUG=1 for the traceback)",
+        sys.stderr,
+    )
+    return 1

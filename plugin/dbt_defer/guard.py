@@ -1,6 +1,8 @@
 """The write guard (SPEC §7): which selected nodes would write a relation a chain environment
-records, which nodes are restricted (never_defer), and the ref-shim check. Nothing here writes,
-loads or fetches (that is ``chain``); each failure is one clear line.
+records or into a schema one builds (functions and shared relations included), the lines for
+hooks that render a chain environment's relation, which nodes are restricted (never_defer), and
+the ref-shim check. Nothing here writes, loads or fetches (that is ``chain``); each failure is
+one clear line.
 
 Imports ``config`` and ``chain`` (for ``source_of``), and dbt's selector and task classes lazily;
 never the warehouse, the audit or the session.
@@ -173,7 +175,7 @@ def write_clashes(
             continue
         refused[uid] = (
             f"dbt-defer: refusing to write {uid} into {where}: environment '{env.name}' "
-            f"({source_of(env.spec)}) records that relation {whose}. " + _fix(fixed) + " Nothing was written."
+            f"({source_of(env.spec)}) records that relation {whose}. " + _fix(False) + " Nothing was written."
         )
     return refused, shared
 

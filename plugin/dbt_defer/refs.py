@@ -105,7 +105,7 @@ class RefResolution:
         location = None if result.env == DEV else result.location
         if hook and location is not None:
             self._hook_reads(node, target, result.env, render(location), refuse=True)
-        return self._finish_relation(resolver, node, target, result.env, result.reason, location, hook=hook)
+        return self._finish_relation(resolver, node, target, result.env, result.reason, location)
 
     def _hook_reads(self, node: Any, target: Any, env: str, where: str, refuse: bool) -> None:
         """A hook of ``node`` renders ``target`` as environment ``env``'s relation ``where``:
@@ -136,7 +136,7 @@ class RefResolution:
         env = self.session.environments[0].name if self.session.environments else "prod"
         if hook:  # native mode (SPEC §2): dbt's outcome; said, never refused
             self._hook_reads(node, target, env, render(rendered), refuse=False)
-        return self._finish_relation(resolver, node, target, env, DEFERRED, rendered, relation, hook=hook)
+        return self._finish_relation(resolver, node, target, env, DEFERRED, rendered, relation)
 
     def _relation(self, resolver: Any, target: Any, limit: Optional[int]) -> Any:
         extras: Dict[str, Any] = {"limit": limit if limit is not None else resolver.resolve_limit}
@@ -145,16 +145,15 @@ class RefResolution:
         return resolver.Relation.create_from(resolver.config, target, **extras)
 
     def _finish_relation(self, resolver: Any, node: Any, target: Any, env: str, reason: str,
-                         location: Optional[Location], relation: Any = None, hook: bool = False) -> Any:
+                         location: Optional[Location], relation: Any = None) -> Any:
         """The relation to render: at ``location`` (None: the current target's), with the
-        environment limit when it applies (SPEC §6; never in a hook: a hook's statement names
-        relations, it does not select rows from them); recorded in the audit."""
+        environment limit when it applies (SPEC §6); recorded in the audit."""
         native_limit = resolver.resolve_limit
         event_time_filter = (
             resolver.resolve_event_time_filter(target) if hasattr(resolver, "resolve_event_time_filter") else None
         )
         limit = None
-        if env != DEV and native_limit is None and event_time_filter is None and not hook:
+        if env != DEV and native_limit is None and event_time_filter is None:
             limit = self._limit_for(node, target)
         if relation is None:
             relation = self._relation(resolver, target, None)

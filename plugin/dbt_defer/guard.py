@@ -209,7 +209,10 @@ def hook_reads_allowed(node: Any) -> bool:
 def hook_refusal(node: Any, target: Any, env: str, where: str) -> str:
     """The one line of a hook refused because it renders a chain environment's relation."""
     if getattr(node, "resource_type", None) == "operation":
-        fix = f"build {target.name} in your target first (dbt build -s {target.name})"
+        fix = (
+            f"build {target.name} in your target first (dbt build -s {target.name}), or list it in vars: "
+            "dbt_defer: never_defer so that hooks read your target only"
+        )
     else:
         fix = (
             f"build {target.name} in your target first (dbt build -s +{node.name}), or, if the hook only "

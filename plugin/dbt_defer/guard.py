@@ -119,9 +119,9 @@ def write_clashes(
     for env in reversed(envs):  # the first environment of the chain wins the report
         for location, owner_uid in env.manifest.relations.items():
             key = location_key(location, default_database)
-            owners[key] = (env, owner_uid)
-            if not owner_uid.startswith("source."):
-                built[key[:2]] = (env, owner_uid)
+            owners[key] = owner = (env, owner_uid)
+            if owner_uid[:7] != "source.":
+                built[key[0], key[1]] = owner
     refused: Dict[str, str] = {}
     shared: Dict[str, str] = {}
     if not owners:
@@ -135,10 +135,10 @@ def write_clashes(
             continue
         key = location_key(mine, default_database)
         owner = owners.get(key)
+        if owner is None and (key[0], key[1]) not in built:
+            continue
         where = ".".join(p for p in mine if p)
         fixed = _fixed_schema(node, target_schema)
-        if owner is None and key[:2] not in built:
-            continue
         if _shared_by_choice(node, target_schema) and (owner is None or owner[1] == uid):
             env = (owner or built[key[:2]])[0]
             shared[uid] = (

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from dbt.version import __version__ as dbt_version
@@ -84,6 +88,28 @@ def test_retry_goes_through_the_write_guard(envs, command, node):
         assert statuses(retry)[node] == "error", statuses(retry)
         assert "dbt-defer: refusing to write" in messages(retry)[node]  # ...through the guard
         assert set(statuses(retry).values()) <= {"error", "skipped"}, statuses(retry)
+    assert prod_state(p) == before
+
+
+def test_retry_in_a_new_process_is_refused(envs):
+    """The real CLI: `dbt retry` in its own process after a refused run (Postgres: in-process
+    runs hold DuckDB's file lock)."""
+    p = envs
+    if p.adapter != "postgres":
+        pytest.skip("DuckDB's file is locked by this process's dbt runs")
+    before = prod_state(p)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DBT_")}
+    environ.update(CHAIN, DBT_SEND_ANONYMOUS_USAGE_STATS="false")
+    with dev_pointed_at_prod(p):
+        p.dbt("run", "-s", "customers", env=CHAIN, expect=False)
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "dbt"), "retry", "--project-dir", str(p.root), "--profiles-dir", str(p.root)],
+            env=environ, capture_output=True, text=True, timeout=300,
+        )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    assert f"refusing to write {p.uid('customers')}" in out
     assert prod_state(p) == before
 
 

@@ -276,17 +276,23 @@ def test_a_ref_found_nowhere_renders_dbts_relation_and_warns(fresh):
 
 
 def test_guard_fails_the_offending_nodes_and_the_rest_goes_on(fresh):
+    """A dev target pointed at prod's schema writes nothing there, not even a new model no
+    manifest lists (issue 22); a node writing into a schema no environment builds goes on."""
     p = fresh
     point_dev_at_prod(p)
     p.write("models/new/brand_new.sql", "select 1 as id\n")
+    p.write("models/new/elsewhere.sql", "{{ config(schema='elsewhere') }}\nselect 1 as id\n")
     before = prod_rows(p, "customers")
-    res = dbt(p, "run", "-s", "customers", "customer_report", "brand_new", expect=False)
-    assert statuses(res) == {"customers": "error", "customer_report": "skipped", "brand_new": "success"}
+    res = dbt(p, "run", "-s", "customers", "customer_report", "brand_new", "elsewhere", expect=False)
+    assert statuses(res) == {"customers": "error", "customer_report": "skipped", "brand_new": "error",
+                             "elsewhere": "success"}
     message = str(res.node_results()[p.uid("customers")].message)
     assert "refusing to write model.dbt_defer_integration_tests.customers" in message
     assert "environment 'prod'" in message
+    assert "holds environment 'prod''s relations" in str(res.node_results()[p.uid("brand_new")].message)
     assert prod_rows(p, "customers") == before
-    assert p.relation_exists("prod", "brand_new")  # the only relation written: prod has none such
+    assert not p.relation_exists("prod", "brand_new")
+    assert p.query(f'select id from "{p.schema("prod")}_elsewhere"."elsewhere"') == [(1,)]
 
 
 def test_guard_covers_sources(fresh):

@@ -193,35 +193,46 @@ def _env(name, relations):
 
 def _node(uid, database, schema, alias, ephemeral=False, resource_type="model", **config):
     return SimpleNamespace(
-        unique_id=uid, database=database, schema=schema, alias=alias, name=alias,
+        unique_id=uid, database=database, schema=schema, alias=alias, name=alias, meta={},
         resource_type=resource_type, is_ephemeral_model=ephemeral, config=SimpleNamespace(**config),
     )
 
 
 def test_write_clashes_unit():
-    prod = _env("prod", {("db", "prod", "a"): "model.p.a", (None, "prod", "src"): "source.p.raw.src",
-                         ("db", "prod_dbt_test__audit", "t"): "test.p.t"})
+    prod = _env("prod", {("db", "prod", "a"): "model.p.a", (None, "raw", "src"): "source.p.raw.src",
+                         ("db", "prod_dbt_test__audit", "t"): "test.p.t", ("db", "prod", "fn"): "function.p.fn"})
     dev = SimpleNamespace(nodes={
         "model.p.a": _node("model.p.a", "db", "dev", "a"),
         "model.p.x": _node("model.p.x", "DB", "PROD", "A"),  # another node aliased onto prod's table
         "model.p.eph": _node("model.p.eph", "db", "prod", "a", ephemeral=True),
-        "model.p.src": _node("model.p.src", "db", "prod", "src"),  # onto a source; no database there
+        "model.p.src": _node("model.p.src", "db", "raw", "src"),  # onto a source; no database there
+        "model.p.raw_new": _node("model.p.raw_new", "db", "raw", "other"),  # a source's schema: not built by prod
+        "model.p.new": _node("model.p.new", "db", "prod", "brand_new"),  # new, in a schema prod builds
+        "model.p.custom": _node("model.p.custom", "db", "dev_extra", "a"),  # dbt's custom schema: follows dev
         "test.p.t": _node("test.p.t", "db", "prod_dbt_test__audit", "t", resource_type="test"),  # stores no failures
         "test.p.s": _node("test.p.s", "db", "prod_dbt_test__audit", "t", resource_type="test", store_failures=True),
         "snapshot.p.legacy": _node("snapshot.p.legacy", "db", "snaps", "legacy", resource_type="snapshot",
                                    target_schema="snaps"),
-    })
+        "snapshot.p.opted": _node("snapshot.p.opted", "db", "snaps", "opted", resource_type="snapshot",
+                                  target_schema="snaps", meta={"dbt_defer": {"shared": True}}),
+    }, functions={"function.p.fn": _node("function.p.fn", "db", "prod", "fn", resource_type="function")})
     prod.manifest.relations[("db", "snaps", "legacy")] = "snapshot.p.legacy"
+    prod.manifest.relations[("db", "snaps", "opted")] = "snapshot.p.opted"
     refused, shared = guard.write_clashes(
-        ["model.p.a", "model.p.eph", "test.p.t", "model.p.x", "model.p.src", "test.p.s", "snapshot.p.legacy"],
+        ["model.p.a", "model.p.eph", "test.p.t", "model.p.x", "model.p.src", "test.p.s", "snapshot.p.legacy",
+         "snapshot.p.opted", "model.p.new", "model.p.raw_new", "model.p.custom", "function.p.fn"],
         dev, [prod], default_database="db", target_schema="dev")
-    assert sorted(refused) == ["model.p.src", "model.p.x", "test.p.s"]
+    assert sorted(refused) == ["function.p.fn", "model.p.new", "model.p.src", "model.p.x", "snapshot.p.legacy",
+                               "test.p.s"]
     assert re.search(r"refusing to write model\.p\.x into DB\.PROD\.A: environment 'prod' .* for model\.p\.a", refused["model.p.x"])
     assert "for source.p.raw.src" in refused["model.p.src"]
-    assert list(shared) == ["snapshot.p.legacy"]
-    # the same snapshot written by a target whose schema is that schema is refused
-    refused, shared = guard.write_clashes(["snapshot.p.legacy"], dev, [prod], default_database="db", target_schema="snaps")
-    assert list(refused) == ["snapshot.p.legacy"] and not shared
+    assert "records that relation for it" in refused["function.p.fn"]
+    assert "schema db.prod holds environment 'prod''s relations" in refused["model.p.new"]
+    assert "opt in on the node: meta: {dbt_defer: {shared: true}}" in refused["snapshot.p.legacy"]
+    assert list(shared) == ["snapshot.p.opted"]
+    # the opt-in is not honoured where the target is the reason: a target whose schema is that schema
+    refused, shared = guard.write_clashes(["snapshot.p.opted"], dev, [prod], default_database="db", target_schema="snaps")
+    assert list(refused) == ["snapshot.p.opted"] and not shared
     # --store-failures makes every test store; a test-level store_failures: false wins
     refused, _ = guard.write_clashes(["test.p.t"], dev, [prod], default_database="db", store_failures=True)
     assert list(refused) == ["test.p.t"]

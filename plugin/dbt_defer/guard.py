@@ -1,6 +1,8 @@
 """The write guard (SPEC §7): which selected nodes would write a relation a chain environment
-records, which nodes are restricted (never_defer), and the ref-shim check. Nothing here writes,
-loads or fetches (that is ``chain``); each failure is one clear line.
+records or into a schema one builds (functions and shared relations included), the lines for
+hooks that render a chain environment's relation, which nodes are restricted (never_defer), and
+the ref-shim check. Nothing here writes, loads or fetches (that is ``chain``); each failure is
+one clear line.
 
 Imports ``config`` and ``chain`` (for ``source_of``), and dbt's selector and task classes lazily;
 never the warehouse, the audit or the session.
@@ -43,12 +45,13 @@ def location_key(location: Tuple[Any, Any, Any], default_database: Optional[str]
 
 
 def _writes_of(node: Any, store_failures: bool) -> Optional[Tuple[Any, Any, Any]]:
-    """The relation a selected node would write, or None (ephemeral, tests not storing failures)."""
+    """The relation a selected node would write, or None (ephemeral, tests not storing failures).
+    A function (dbt >= 1.11) is a relation like any other: replacing it replaces the environment's."""
     kind = node.resource_type
-    if kind in ("model", "seed", "snapshot"):
+    if kind in ("model", "seed", "snapshot", "function"):
         if getattr(node, "is_ephemeral_model", False):
             return None
-        return (node.database, node.schema, node.alias or node.name)
+        return (node.database, node.schema, getattr(node, "alias", None) or node.name)
     if kind == "test":
         config = node.config
         stores = getattr(config, "store_failures", None)
@@ -60,16 +63,31 @@ def _writes_of(node: Any, store_failures: bool) -> Optional[Tuple[Any, Any, Any]
     return None
 
 
-def _shared_snapshot(node: Any, target_schema: Optional[str]) -> bool:
-    """A snapshot whose legacy ``target_schema`` config names a fixed schema, not the running
-    target's: dbt writes it to the same place from every target, so that place is shared by
-    design (``target_schema=target.schema`` is not shared: it follows the target)."""
-    config = getattr(node, "config", None)
-    return (
-        node.resource_type == "snapshot"
-        and bool(getattr(config, "target_schema", None))
-        and (node.schema or "").lower() != (target_schema or "").lower()
-    )
+SHARED_OPT_IN = "meta: {dbt_defer: {shared: true}}"
+
+
+def _fixed_schema(node: Any, target_schema: Optional[str]) -> bool:
+    """The node writes into a schema that does not follow the running target's (a legacy
+    snapshot's fixed ``target_schema``, a model whose schema config is fixed): dbt writes it to
+    the same place from every target, so every environment shares that relation. A schema that
+    is the target's, or dbt's default custom schema ``<target schema>_<name>``, follows it."""
+    if node.resource_type not in ("model", "seed", "snapshot") or not target_schema:
+        return False
+    schema, own = (node.schema or "").lower(), target_schema.lower()
+    return schema != own and not schema.startswith(own + "_")
+
+
+def _shared_by_choice(node: Any, target_schema: Optional[str]) -> bool:
+    """``meta: {dbt_defer: {shared: true}}`` on a node whose schema is fixed: the team means every
+    environment to write that relation (honoured only where the target cannot be the reason)."""
+    return node_meta(node).get("shared") is True and _fixed_schema(node, target_schema)
+
+
+def _selected_node(manifest: Any, uid: str) -> Any:
+    node = manifest.nodes.get(uid)
+    if node is None:
+        node = (getattr(manifest, "functions", None) or {}).get(uid)
+    return node
 
 
 def write_clashes(
@@ -82,59 +100,137 @@ def write_clashes(
     store_failures: bool = False,
     suspects: Optional[Dict[str, str]] = None,
 ) -> Tuple[Dict[str, str], Dict[str, str]]:
-    """(refused, shared): selected nodes that would write a relation a chain environment records.
+    """(refused, shared): selected nodes that would write into a chain environment.
 
-    Checked against every relation each environment's manifest records — models, seeds,
-    snapshots, sources, tests' stored failures — for the node itself or any other (a dev model
-    aliased onto a production table overwrites it just the same). Each value is the one line
-    saying so. ``shared`` holds legacy snapshots whose target_schema is fixed (not the running
-    target's schema): written from every target by dbt's design, reported but not refused.
-    ``suspects``: environment name -> why its manifest records this target's own relations
-    (``this_target_warning``); a refusal because of such an environment says that instead.
+    Refused: a node that would write a relation a chain environment's manifest records — models,
+    seeds, snapshots, functions, sources, tests' stored failures — for the node itself or any
+    other (a dev model aliased onto a production table overwrites it just the same); and a node
+    that would create a relation in a schema a chain environment builds (its models, seeds,
+    snapshots, functions, tests' stored failures — not sources): a target pointed at that
+    schema writes nothing there, new models included. Each value is the one line saying so.
+    ``shared``: nodes whose fixed schema every environment shares and that opt in with
+    ``meta: {dbt_defer: {shared: true}}``: reported, not refused. ``suspects``: environment name
+    -> why its manifest records this target's own relations (``this_target_warning``); a
+    refusal because of such an environment says that instead.
     """
     envs = list(environments)
     owners: Dict[Key, Tuple[Any, str]] = {}
+    built: Dict[Tuple[str, str], Tuple[Any, str]] = {}  # (database, schema) -> (env, an example)
     for env in reversed(envs):  # the first environment of the chain wins the report
         for location, owner_uid in env.manifest.relations.items():
-            owners[location_key(location, default_database)] = (env, owner_uid)
+            key = location_key(location, default_database)
+            owners[key] = owner = (env, owner_uid)
+            if owner_uid[:7] != "source.":
+                built[key[0], key[1]] = owner
     refused: Dict[str, str] = {}
     shared: Dict[str, str] = {}
     if not owners:
         return refused, shared
     for uid in sorted(selected):
-        node = manifest.nodes.get(uid)
+        node = _selected_node(manifest, uid)
         if node is None:
             continue
         mine = _writes_of(node, store_failures)
         if mine is None:
             continue
-        owner = owners.get(location_key(mine, default_database))
-        if owner is None:
+        key = location_key(mine, default_database)
+        owner = owners.get(key)
+        if owner is None and (key[0], key[1]) not in built:
             continue
-        env, other_uid = owner
         where = ".".join(p for p in mine if p)
-        whose = "for it" if other_uid == uid else f"for {other_uid}"
-        if other_uid == uid and _shared_snapshot(node, target_schema):
+        fixed = _fixed_schema(node, target_schema)
+        if _shared_by_choice(node, target_schema) and (owner is None or owner[1] == uid):
+            env = (owner or built[key[:2]])[0]
             shared[uid] = (
-                f"dbt-defer: snapshot {uid} writes {where}, which environment '{env.name}' records too: its "
-                "target_schema/target_database config makes every target write the same table (dbt's "
-                "legacy snapshot config), so dbt-defer lets it run"
+                f"dbt-defer: {node.resource_type} {uid} writes {where}, a relation every environment shares "
+                f"(environment '{env.name}' writes there too); it runs because it opts in with {SHARED_OPT_IN}"
             )
             continue
+        if owner is None:  # a new relation, in a schema a chain environment builds
+            env, example = built[key[:2]]
+            refused[uid] = (
+                f"dbt-defer: refusing to write {uid} into {where}: schema {'.'.join(p for p in mine[:2] if p)} "
+                f"holds environment '{env.name}''s relations ({source_of(env.spec)} records {example} there), "
+                "and this target writes nothing into a chain environment's schema, not even a relation no "
+                "manifest records. " + _fix(fixed) + " Nothing was written."
+            )
+            continue
+        env, other_uid = owner
+        whose = "for it" if other_uid == uid else f"for {other_uid}"
         suspect = (suspects or {}).get(env.name)
-        if suspect:
+        if suspect and not fixed:
             refused[uid] = (
                 f"dbt-defer: refusing to write {uid} into {where}: environment '{env.name}' "
                 f"({source_of(env.spec)}) records that relation {whose}, and it {suspect}. Nothing was written."
             )
             continue
+        if fixed and other_uid == uid:
+            refused[uid] = (
+                f"dbt-defer: refusing to write {uid} into {where}: environment '{env.name}' "
+                f"({source_of(env.spec)}) records that relation for it, and its fixed schema (e.g. a legacy "
+                "snapshot's target_schema) makes every target write that same relation, so it is "
+                f"'{env.name}''s. If every environment is meant to write it, opt in on the node: "
+                f"{SHARED_OPT_IN}; else make its schema follow the target. Nothing was written."
+            )
+            continue
         refused[uid] = (
             f"dbt-defer: refusing to write {uid} into {where}: environment '{env.name}' "
-            f"({source_of(env.spec)}) records that relation {whose}. Point your target at a "
-            "development schema, or name the target that builds that environment (vars: dbt_defer: "
-            "environments: [{name: ..., target: ...}]). Nothing was written."
+            f"({source_of(env.spec)}) records that relation {whose}. " + _fix(False) + " Nothing was written."
         )
     return refused, shared
+
+
+def _fix(fixed: bool) -> str:
+    if fixed:
+        return (
+            "Give the node a schema that follows the target, or, if every environment is meant to "
+            f"share that relation, opt in on the node: {SHARED_OPT_IN}."
+        )
+    return (
+        "Point your target at a development schema, or name the target that builds that "
+        "environment (vars: dbt_defer: environments: [{name: ..., target: ...}])."
+    )
+
+
+HOOKS_OPT_IN = "meta: {dbt_defer: {hooks: warn}}"
+
+
+def _hook_owner(node: Any) -> str:
+    if getattr(node, "resource_type", None) == "operation":
+        return f"the project hook {node.unique_id} (on-run-start/on-run-end)"
+    return f"a pre/post hook of {node.unique_id}"
+
+
+def hook_reads_allowed(node: Any) -> bool:
+    """The node opts in to hooks that read a chain environment: ``meta: {dbt_defer: {hooks: warn}}``."""
+    return node_meta(node).get("hooks") == "warn"
+
+
+def hook_refusal(node: Any, target: Any, env: str, where: str) -> str:
+    """The one line of a hook refused because it renders a chain environment's relation."""
+    if getattr(node, "resource_type", None) == "operation":
+        fix = (
+            f"build {target.name} in your target first (dbt build -s {target.name}), or list it in vars: "
+            "dbt_defer: never_defer so that hooks read your target only"
+        )
+    else:
+        fix = (
+            f"build {target.name} in your target first (dbt build -s +{node.name}), or, if the hook only "
+            f"reads it, opt in on the node: {HOOKS_OPT_IN}"
+        )
+    return (
+        f"dbt-defer: refusing to run {_hook_owner(node)}: it renders ref('{target.name}') as {where} of "
+        f"environment '{env}', and a hook's statement can write there. Fix: {fix}. The hook did not run."
+    )
+
+
+def hook_warning(node: Any, target: Any, env: str, where: str, allowed: bool) -> str:
+    why = (f"the node opts in with {HOOKS_OPT_IN}" if allowed
+           else "dbt's own --defer renders it so (native mode: dbt-defer only warns)")
+    return (
+        f"dbt-defer: {_hook_owner(node)} renders ref('{target.name}') as {where} of environment "
+        f"'{env}' ({why}); a statement that writes there changes '{env}'"
+    )
 
 
 def this_target_warning(env: Any, manifest: Any, default_database: Optional[str], target_name: str) -> Optional[str]:

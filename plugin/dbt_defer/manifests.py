@@ -72,7 +72,8 @@ class LoadedManifest:
     bad_status: Dict[str, str] = field(default_factory=dict)  # unique_id -> status in run_results
     built: FrozenSet[str] = frozenset()  # unique_ids run_results records as built (success/pass)
     run_results_path: Optional[str] = None  # None: no run_results.json beside the manifest
-    # every relation the environment records, refable or not (tests' stored failures, sources):
+    # every relation the environment records, refable or not (tests' stored failures, sources,
+    # functions):
     # (database, schema, identifier) -> unique_id; what the write guard protects
     relations: Dict[Tuple[Optional[str], Optional[str], str], str] = field(default_factory=dict)
     functions: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # unique_id -> as in the manifest
@@ -289,6 +290,9 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
         )
     functions: Dict[str, Dict[str, Any]] = {}
     for uid, raw_function in (parsed.functions or {}).items():
+        location = _function_location(raw_function)
+        if location is not None:  # the write guard protects functions like any relation
+            relations.setdefault(location, uid)
         line = unusable_reason(path, uid, {
             key: raw_function.get(key) if isinstance(raw_function, dict) else raw_function
             for key in ("database", "schema", "alias")
@@ -322,6 +326,20 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
         unusable=unusable,
         packages=frozenset(n.package_name or uid.split(".")[1] for uid, n in parsed.nodes.items() if uid.count(".") >= 2),
     )
+
+
+def _function_location(raw: Any) -> Optional[Tuple[Optional[str], Optional[str], str]]:
+    """(database, schema, name) of a function as the manifest records it; None when its fields
+    are not names at all (untrusted input: never compared as anything but text)."""
+    if not isinstance(raw, dict):
+        return None
+    database, schema = raw.get("database"), raw.get("schema")
+    name = raw.get("alias") or raw.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    if not all(value is None or isinstance(value, str) for value in (database, schema)):
+        return None
+    return (database, schema, name)
 
 
 def _read_run_results(env_name: str, path: str, max_bytes: int) -> Tuple[Dict[str, str], Dict[str, float]]:

@@ -9,20 +9,25 @@ Patched (checked on dbt-core 1.8.x, 1.9.x, 1.10.x, 1.11.x and 1.12.x; ``CHECKED_
 2. ``dbt.task.runnable.GraphRunnableTask.defer_to_manifest`` — where dbt merges its single
    ``--state`` manifest: in chain mode merge the chain instead (``defer_relation`` and
    ``defer_function`` of every node are what the chain resolves to); in native mode (SPEC §2)
-   dbt's own merge runs unchanged. Then the write guard and the restricted nodes.
+   dbt's own merge runs unchanged. Then the write guard and the restricted nodes, over the
+   nodes the task's own queue executes (``dbt retry`` runs its task through here too, with a
+   queue it builds itself).
 3. ``dbt.context.providers.RuntimeRefResolver.create_relation`` — where dbt decides which
    relation a ``ref()`` renders to: apply the chain rules (SPEC §4), limits and audit; in
-   native mode dbt decides and the plugin records (and limits, when configured).
+   native mode dbt decides and the plugin records (and limits, when configured). A ref a hook
+   renders (see 6) that reads a chain environment fails its node (SPEC §7), or warns.
 4. ``dbt.task.base.BaseRunner.compile_and_execute`` — a node the write guard refused fails
    here, before it compiles or executes; dbt then skips its descendants (SPEC §7). ``dbt clone``
    records here which environment each node is copied from (the audit only).
-5. ``dbt.cli.requires.parse_manifest`` — before dbt parses (and writes ``manifest.json`` into
-   the target path), refuse a ``--target-path`` inside a chain environment's state folder.
+5. ``dbt.cli.requires.parse_manifest`` and ``dbt.parser.manifest.parse_manifest`` (which
+   ``dbt retry`` calls) — before dbt parses (and writes ``manifest.json`` into the target path),
+   refuse a ``--target-path`` inside a chain environment's state folder.
 6. ``dbt.compilation.Compiler._compile_code`` — where dbt renders a node's SQL (models, tests,
    snapshots, ephemeral CTEs, on-run-start/end hooks, ``show``/inline nodes): give each
    subquery dbt-defer limited its alias (``limits.resolve``; only the spans it marked), and
    record the other reads dbt resolved there: foreign-key ``to:`` targets and ``function()``
-   calls (the audit only; dbt's SQL is unchanged).
+   calls (the audit only; dbt's SQL is unchanged). A ref rendered for a node outside it is
+   rendered by the node's pre/post hooks.
 
 With deferral off each patched function calls dbt's original at once (the plugin is inert).
 
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import threading
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -131,6 +137,17 @@ def _defer_to_manifest(self: Any) -> None:
     session.merge(self)
 
 
+_COMPILING = threading.local()  # .depth: how many node compilations this thread is inside
+
+
+def _in_hook(model: Any) -> bool:
+    """Is this ref rendered by a hook? on-run-start/end hooks are compiled as ``operation``
+    nodes; a node's own SQL (and its ephemeral parents) renders inside ``_compile_code``, so a
+    ref rendered for a node outside it is rendered while the node executes: its pre/post hooks
+    (``run_hooks`` renders them then)."""
+    return getattr(model, "resource_type", None) == "operation" or not getattr(_COMPILING, "depth", 0)
+
+
 def _create_relation(self: Any, target_model: Any) -> Any:
     original: Callable = _ORIGINALS["create_relation"]
     session = _ACTIVE
@@ -140,18 +157,24 @@ def _create_relation(self: Any, target_model: Any) -> Any:
         or getattr(self.model, "resource_type", None) == "unit_test"
     ):
         return original(self, target_model)
-    return session.relation_for(self, target_model, original)
+    return session.relation_for(self, target_model, original, hook=_in_hook(self.model))
 
 
 def _compile_code(self: Any, node: Any, *args: Any, **kwargs: Any) -> Any:
     session = _ACTIVE
-    observe = session is not None and session.merged and not session.plain
+    if session is None:
+        return _ORIGINALS["compile_code"](self, node, *args, **kwargs)
+    observe = session.merged and not session.plain
     foreign_keys = session.foreign_keys_of(node) if observe else []
-    compiled = _ORIGINALS["compile_code"](self, node, *args, **kwargs)
+    _COMPILING.depth = getattr(_COMPILING, "depth", 0) + 1
+    try:
+        compiled = _ORIGINALS["compile_code"](self, node, *args, **kwargs)
+    finally:
+        _COMPILING.depth -= 1
     if observe:  # the reads dbt resolved while compiling it: foreign keys, function() (SPEC §5)
         manifest = args[0] if args else kwargs.get("manifest")
         session.record_compiled(compiled if compiled is not None else node, manifest, foreign_keys)
-    if _ACTIVE is None or getattr(node, "language", "sql") == "python":
+    if getattr(node, "language", "sql") == "python":
         return compiled
     code = getattr(compiled, "compiled_code", None)
     if code and limits.MARK in code:
@@ -172,13 +195,22 @@ def _compile_and_execute(self: Any, manifest: Any, ctx: Any) -> Any:
     return _ORIGINALS["compile_and_execute"](self, manifest, ctx)
 
 
-def _parse_manifest(runtime_config: Any, *args: Any, **kwargs: Any) -> Any:
+def _refuse_target_path(runtime_config: Any) -> None:
     args_ = getattr(runtime_config, "args", None)
     if args_ is not None and getattr(args_, "defer", False):
         from dbt_defer.session import refuse_target_path_in_state
 
         refuse_target_path_in_state(runtime_config)
+
+
+def _parse_manifest(runtime_config: Any, *args: Any, **kwargs: Any) -> Any:
+    _refuse_target_path(runtime_config)
     return _ORIGINALS["parse_manifest"](runtime_config, *args, **kwargs)
+
+
+def _parser_parse_manifest(runtime_config: Any, *args: Any, **kwargs: Any) -> Any:
+    _refuse_target_path(runtime_config)
+    return _ORIGINALS["parser_parse_manifest"](runtime_config, *args, **kwargs)
 
 
 # (module, class or None, attribute, the leading parameters the patch relies on, our patch's name)
@@ -189,6 +221,7 @@ _PATCH_POINTS: Tuple[Tuple[str, Optional[str], str, Tuple[str, ...], str], ...] 
     ("dbt.compilation", "Compiler", "_compile_code", ("self", "node"), "compile_code"),
     ("dbt.task.base", "BaseRunner", "compile_and_execute", ("self", "manifest", "ctx"), "compile_and_execute"),
     ("dbt.cli.requires", None, "parse_manifest", ("runtime_config",), "parse_manifest"),
+    ("dbt.parser.manifest", None, "parse_manifest", ("runtime_config",), "parser_parse_manifest"),
 )
 _PATCHES = {
     "run": _run,
@@ -197,7 +230,12 @@ _PATCHES = {
     "compile_code": _compile_code,
     "compile_and_execute": _compile_and_execute,
     "parse_manifest": _parse_manifest,
+    "parser_parse_manifest": _parser_parse_manifest,
 }
+# modules that bind a patched function by name when they are imported: dbt imports
+# dbt.task.retry inside the retry command, after the plugins (and so after ``apply``); one
+# imported earlier keeps dbt's function, so ``apply`` rebinds it
+_REBIND = (("dbt.task.retry", "parse_manifest", "parser_parse_manifest"),)
 
 
 def _find(module: str, cls: Optional[str], attr: str, params: Tuple[str, ...]) -> Tuple[Any, Any, str]:
@@ -269,3 +307,7 @@ def apply() -> None:
     for name, (owner, attr, function) in found.items():
         _ORIGINALS[name] = function
         setattr(owner, attr, _PATCHES[name])
+    for module_name, attr, name in _REBIND:
+        module = sys.modules.get(module_name)
+        if module is not None and getattr(module, attr, None) is _ORIGINALS[name]:
+            setattr(module, attr, _PATCHES[name])

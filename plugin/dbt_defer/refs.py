@@ -19,7 +19,7 @@ import threading
 from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 from dbt_common.events.base_types import EventLevel
-from dbt_common.exceptions import CompilationError
+from dbt_common.exceptions import CompilationError, DbtRuntimeError
 
 from dbt_defer import audit, guard, limits
 from dbt_defer.chain import Location, render
@@ -52,15 +52,20 @@ class RefResolution:
         self._modified_cache: Dict[Tuple[str, str], bool] = {}
         self._warned_parents: Set[str] = set()
         self._lock = threading.Lock()
+        self._hook_warned: Set[Tuple[str, str]] = set()
+        self._hook_lock = threading.Lock()
 
-    def relation_for(self, resolver: Any, target: Any, original: Any) -> Any:
+    def relation_for(self, resolver: Any, target: Any, original: Any, hook: bool = False) -> Any:
+        """``hook``: the ref is rendered by a hook (a node's pre/post hook, on-run-start/end),
+        whose statement may write to what it renders: a chain environment's relation there fails
+        the node, unless the node opts in to a warning (SPEC §7)."""
         node = resolver.model
         if target.is_ephemeral_model:
             relation = original(resolver, target)
             self._record(node, target, EPHEMERAL, EPHEMERAL, str(relation), None)
             return relation
         if self.session.native:
-            return self._observe(resolver, target, original)
+            return self._observe(resolver, target, original, hook)
 
         dev_location: Location = (target.database, target.schema, target.alias or target.name)
         uid = target.unique_id
@@ -98,9 +103,24 @@ class RefResolution:
             return relation
 
         location = None if result.env == DEV else result.location
+        if hook and location is not None:
+            self._hook_reads(node, target, result.env, render(location), refuse=True)
         return self._finish_relation(resolver, node, target, result.env, result.reason, location)
 
-    def _observe(self, resolver: Any, target: Any, original: Any) -> Any:
+    def _hook_reads(self, node: Any, target: Any, env: str, where: str, refuse: bool) -> None:
+        """A hook of ``node`` renders ``target`` as environment ``env``'s relation ``where``:
+        fail the node (chain mode) unless it opts in; else one warning per (node, ref)."""
+        allowed = guard.hook_reads_allowed(node)
+        if refuse and not allowed:
+            raise DbtRuntimeError(guard.hook_refusal(node, target, env, where))  # no Jinja stack: one line
+        key = (node.unique_id, target.unique_id)
+        with self._hook_lock:
+            if key in self._hook_warned:
+                return
+            self._hook_warned.add(key)
+        log(guard.hook_warning(node, target, env, where, allowed), EventLevel.WARN)
+
+    def _observe(self, resolver: Any, target: Any, original: Any, hook: bool = False) -> Any:
         """Native mode: dbt's own choice, recorded (and limited when limits are configured)."""
         node = resolver.model
         uid = target.unique_id
@@ -114,6 +134,8 @@ class RefResolution:
             reason = SELECTED if uid in self.session._selected_now() else DEV_EXISTS
             return self._finish_relation(resolver, node, target, DEV, reason, None, relation)
         env = self.session.environments[0].name if self.session.environments else "prod"
+        if hook:  # native mode (SPEC §2): dbt's outcome; said, never refused
+            self._hook_reads(node, target, env, render(rendered), refuse=False)
         return self._finish_relation(resolver, node, target, env, DEFERRED, rendered, relation)
 
     def _relation(self, resolver: Any, target: Any, limit: Optional[int]) -> Any:

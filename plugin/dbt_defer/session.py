@@ -89,6 +89,7 @@ class DeferSession:
         self.checker: Optional[ExistenceChecker] = None
         self._selected_src: Any = None
         self._selected: FrozenSet[str] = frozenset()
+        self._queued: Optional[FrozenSet[str]] = None  # the nodes this task executes (set in merge)
         self._writes = True  # does this command build its selected nodes? (set in merge)
         self.merged = False
         self.finished = False  # finish() ran (before dbt's closing lines, or at the very end)
@@ -145,6 +146,9 @@ class DeferSession:
         from dbt.adapters.factory import get_adapter
 
         manifest = task.manifest
+        self._queued = _queued_nodes(task)
+        if self._queued is not None and not self.native:
+            _align_dbt_selection(self._queued)
         adapter = get_adapter(task.config)
         self.checker = ExistenceChecker(adapter)
         self.restricted = self._restricted(task)
@@ -225,6 +229,10 @@ class DeferSession:
             raise DbtRuntimeError(str(exc)) from None
 
     def _selected_now(self) -> FrozenSet[str]:
+        """The nodes this invocation builds: the task's own queue (``dbt retry`` builds its queue
+        without dbt's selector, so dbt's selection global stays empty there), else that global."""
+        if self._queued is not None:
+            return self._queued
         from dbt import selected_resources
 
         current = selected_resources.SELECTED_RESOURCES
@@ -235,8 +243,8 @@ class DeferSession:
 
     # --- resolution (refs.RefResolution) --------------------------------------------------
 
-    def relation_for(self, resolver: Any, target: Any, original: Any) -> Any:
-        return self.refs.relation_for(resolver, target, original)
+    def relation_for(self, resolver: Any, target: Any, original: Any, hook: bool = False) -> Any:
+        return self.refs.relation_for(resolver, target, original, hook=hook)
 
     # --- deferred reads other than ref() (SPEC §5), observed after dbt resolved them -----------
 
@@ -373,6 +381,29 @@ def _function_reads(node: Any, manifest: Any, adapter: Any, config: Any) -> List
         elif own in code:
             reads.append((function, False, own))
     return reads
+
+
+def _queued_nodes(task: Any) -> Optional[FrozenSet[str]]:
+    """The unique_ids the task's graph queue executes (what dbt's node selector also stores in
+    ``selected_resources``, except under ``dbt retry``, whose task builds its queue itself from
+    the previous run's failures); None when the task has no queue."""
+    queue = getattr(task, "job_queue", None)
+    get = getattr(queue, "get_selected_nodes", None)
+    if get is None:
+        return None
+    try:
+        return frozenset(get())
+    except Exception:  # pragma: no cover - a queue of another shape: dbt's global decides
+        return None
+
+
+def _align_dbt_selection(queued: FrozenSet[str]) -> None:
+    """Chain mode: dbt's own readers of the selection (``function()`` deferral, the
+    ``selected_resources`` variable) see the nodes this task builds, under ``dbt retry`` too."""
+    from dbt import selected_resources
+
+    if set(selected_resources.SELECTED_RESOURCES) != queued:
+        selected_resources.set_selected_resources(set(queued))
 
 
 def _note_ignored_defer_state(task: Any, cfg: DeferConfig) -> None:

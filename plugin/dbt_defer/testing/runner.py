@@ -72,6 +72,15 @@ class DbtResult:
         return {uid: str(r.status) for uid, r in self.node_results().items()}
 
 
+def _fresh_process_globals() -> None:
+    """What a new dbt process starts with and an earlier in-process invocation leaves behind:
+    dbt's selection global (set by the node selector, read by refs, ``selected_resources`` and
+    dbt-defer), which ``dbt retry`` and ``run-operation`` never set."""
+    from dbt import selected_resources
+
+    selected_resources.set_selected_resources(set())
+
+
 def run_dbt(args: Sequence[str], project_dir: Path, env: Optional[Dict[str, str]] = None,
             expect: Optional[bool] = True) -> DbtResult:
     """One dbt invocation in this process; ``expect`` True/False asserts success/failure."""
@@ -85,6 +94,7 @@ def run_dbt(args: Sequence[str], project_dir: Path, env: Optional[Dict[str, str]
 
     argv = [*args, "--project-dir", str(project_dir), "--profiles-dir", str(project_dir)]
     with dbt_environment(env or {}):
+        _fresh_process_globals()
         res = dbtRunner(callbacks=[collect]).invoke(argv)
     result = DbtResult(bool(res.success), res.exception, messages, res.result)
     if expect is not None and result.success != expect:

@@ -233,16 +233,11 @@ def create_from_compiled(root: Path, target: str, select: str | None, db: Path) 
     become the environment's state, as a build's would), then create every compiled model in
     one DuckDB connection and one transaction, in dependency order, as ``create view|table
     <relation_name> as <compiled SQL>``: the relations dbt would have built, with their columns
-    and (here one-row) data. The compile starts from the partial parse of an earlier compile
-    when there is one. Returns the seconds of each step."""
+    and (here one-row) data. Returns the seconds of each step."""
     import duckdb
     from graphlib import TopologicalSorter
 
-    target_path = root / "target" / target
-    earlier = [p for p in (root / "target").glob("*/partial_parse.msgpack") if p.parent != target_path]
-    if earlier:
-        target_path.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(earlier[0], target_path / "partial_parse.msgpack")
+    target_path = root / "target" / target  # a full parse each: dbt re-parses when the target changes
     args = ["compile", "--target", target, "--target-path", f"target/{target}"]
     compile_s = run(Call(root, args + (["-s", select] if select else []), hide_plugin=True)).seconds
     log(f"  dbt compile --target {target}: {compile_s:.1f}s")

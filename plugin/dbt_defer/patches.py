@@ -63,7 +63,7 @@ def _run(self: Any) -> Any:
     original: Callable = _ORIGINALS["run"]
     if not _deferring(self):
         return original(self)
-    from dbt_defer.session import DeferSession, config_for_task, end_refused
+    from dbt_defer.session import DeferSession, config_for_task, end_refused, say_notices
 
     cfg = None
     try:
@@ -73,6 +73,7 @@ def _run(self: Any) -> Any:
         end_refused(self, exc, cfg=cfg)  # the previous invocation's audit must not look current
         raise
     if session is None:
+        say_notices(cfg)  # a misspelled vars key or state variable is why nothing is configured
         return original(self)  # nothing configured anywhere: exactly dbt's behaviour and error
     with _ACTIVE_LOCK:
         previous, _ACTIVE = _ACTIVE, session

@@ -23,7 +23,7 @@ from dbt_defer.config import DeferConfig, DeferConfigError, gc_paused, one_line
 from dbt_defer.events import log
 from dbt_defer.events import warn as _warn
 from dbt_defer.refs import RefResolution
-from dbt_defer.settings import load_config, overlay_settings
+from dbt_defer.settings import load_config, overlay_settings, vars_key_notice
 from dbt_defer.warehouse import ExistenceChecker
 
 
@@ -35,11 +35,19 @@ def settings_from(config: Any) -> Optional[Mapping[str, Any]]:
 
 def _load(config: Any, args: Any) -> DeferConfig:
     """The run's DeferConfig from dbt's project config and flags; DeferConfigError on bad input."""
+    project = (getattr(config, "vars", None) and config.vars.to_dict()) or {}
     return load_config(
-        settings_from(config), os.environ, config.project_root,
+        overlay_settings(project, getattr(config, "cli_vars", None)), os.environ, config.project_root,
         defer_state=_str(getattr(args, "defer_state", None)), state=_str(getattr(args, "state", None)),
         favor_state=bool(getattr(args, "favor_state", False)),
+        vars_notice=vars_key_notice(project, getattr(config, "cli_vars", None)),
     )
+
+
+def say_notices(cfg: DeferConfig) -> None:
+    """The configuration's did-you-mean lines (also when they leave nothing configured)."""
+    for notice in cfg.notices:
+        log(notice, EventLevel.WARN)
 
 
 def config_for_task(task: Any) -> DeferConfig:
@@ -106,8 +114,7 @@ class DeferSession:
         """
         from dbt.artifacts.schemas.manifest import WritableManifest
 
-        for notice in cfg.notices:
-            log(notice, EventLevel.WARN)
+        say_notices(cfg)
         target_name = str(task.config.target_name)
         own, specs = cfg.chain_for_target(target_name)
         if own is not None:
@@ -145,6 +152,9 @@ class DeferSession:
         from dbt.adapters.factory import get_adapter
 
         manifest = task.manifest
+        bad_limit = limits.bad_meta_limits(manifest.nodes.values())
+        if bad_limit:  # a bad setting stops the run at start, wherever it is written
+            raise DbtRuntimeError(bad_limit)
         adapter = get_adapter(task.config)
         self.checker = ExistenceChecker(adapter)
         self.restricted = self._restricted(task)

@@ -162,6 +162,7 @@ def expose(root: str) -> Optional[str]:
         return None
     if folder == root:
         return root  # the layout before versions: the files are the copy itself
+    sweep(root)  # a link a killed fetch left half-placed
     for name in (RUN_RESULTS, MANIFEST):
         source, stable = os.path.join(folder, name), os.path.join(root, name)
         if not os.path.isfile(source):

@@ -77,6 +77,8 @@ def _fetch_one(ctx: ProjectContext, spec: EnvironmentSpec, force: bool, row: Dic
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     ctx = ProjectContext(args)
+    for notice in ctx.cfg.notices:
+        say(notice, sys.stderr)
     if not ctx.cfg.configured:
         raise CliError(
             "dbt-defer: no environment is configured; add vars: dbt_defer: environments to dbt_project.yml "

@@ -125,6 +125,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json(document)
     elif envs:
         _print_text(ctx, envs, applies, limit, shim)
+    for notice in cfg.notices:
+        say(notice, sys.stderr)
     if not envs:
         print(
             "dbt-defer: no environment is configured; add vars: dbt_defer: environments to dbt_project.yml, "
@@ -134,8 +136,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     if limits_warning:
         print(limits_warning, file=sys.stderr)
-    for notice in cfg.notices:
-        say(notice, sys.stderr)
     for problem in problems:
         say(problem, sys.stderr)
     return 1 if problems else 0

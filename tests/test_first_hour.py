@@ -140,3 +140,46 @@ def test_a_misspelled_state_variable_is_warned_by_runs_and_status(proj, capsys):
     out, err = capsys.readouterr()
     assert "did you mean DBT_DEFER_PROD_STATE?" in err
     assert "skipped: staging (DBT_DEFER_STAGING_STATE is empty, so that environment is not in the chain)" in out
+
+
+# --- silent typos (issue 24): one did-you-mean line, one rule for every value -----------------
+
+
+def test_a_hyphenated_vars_key_gets_a_did_you_mean_before_dbts_own_error(proj):
+    settings = json.dumps({"dbt-defer": {"environments": [{"name": "prod", "state": "prod-artifacts"}]}})
+    result = proj.dbt("compile", "-s", "customers", "--vars", settings, env={"DBT_DEFER": "1"}, expect=False)
+    [line] = [m for m in ours(result, "warn") if "did you mean" in m]
+    assert line == ("dbt-defer: vars: dbt-defer (--vars) is not read by dbt-defer; did you mean vars: dbt_defer "
+                    "(with an underscore)? Rename the key")
+    assert "--state or --defer-state are required" in str(result.exception)  # dbt's own error, as before
+
+
+def test_a_misspelled_state_variable_gets_a_did_you_mean(proj):
+    result = proj.dbt("compile", "-s", "customers", env={"DBT_DEFER": "1", "DBT_DEFER_PROD_STAT": "prod-artifacts"},
+                      expect=False)
+    [line] = [m for m in ours(result, "warn") if "did you mean" in m]
+    assert line == ("dbt-defer: environment variable DBT_DEFER_PROD_STAT is not read by dbt-defer; did you mean "
+                    "DBT_DEFER_PROD_STATE? Rename it")
+    # and beside a working chain, once
+    result = proj.dbt("compile", "-s", "customers", env={**ENV, "DBT_DEFER_PROD_STAT": "x"})
+    assert len([m for m in ours(result, "warn") if "DBT_DEFER_PROD_STAT " in m]) == 1
+
+
+@pytest.mark.parametrize("settings, needle", [
+    ({"never_defer": "tag:pii"}, 'never_defer (dbt_project.yml or --vars) is the string "tag:pii"; it must be a '
+                                 'list of dbt selectors: never_defer: ["tag:pii"]'),
+    ({"audit_table": "yes"}, "audit_table (dbt_project.yml or --vars) is the string 'yes'; write true without quotes"),
+])
+def test_values_of_the_wrong_type_are_refused_like_a_quoted_limit(proj, settings, needle):
+    result = proj.dbt("compile", "-s", "customers", "--vars", json.dumps({"dbt_defer": settings}), env=ENV,
+                      expect=False)
+    assert needle in str(result.exception)
+
+
+def test_a_bad_meta_limit_is_reported_at_start_even_when_no_ref_reads_that_node(proj):
+    with proj.edited("models/docs_example/_limit_typo.yml",
+                     "models:\n  - name: model_a\n    config:\n      meta: {dbt_defer: {limit: \"1000\"}}\n"):
+        result = proj.dbt("compile", "-s", "stg_customers", env=ENV, expect=False)
+    assert ("dbt-defer: meta dbt_defer.limit of model.dbt_defer_integration_tests.model_a is '1000' "
+            "(models/docs_example/_limit_typo.yml); use a whole number") in str(result.exception)
+    assert not result.node_results()  # nothing ran

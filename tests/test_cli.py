@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -332,6 +333,47 @@ def test_explain_unresolvable_ref_is_a_missing_row(envs, capsys):
     assert len(lines) == 3 and "Traceback" not in err, err  # dim_customers v1, customers, calendar_years
     assert all(line.startswith("dbt-defer:") and "customer_report" in line and "exists nowhere" in line for line in lines)
     assert warehouse_snapshot(envs) == before
+
+
+HAS_COLUMNS = """{% test has_columns(model) %}
+{%- if execute and not adapter.get_columns_in_relation(model) -%}
+  {{ exceptions.raise_compiler_error("no columns in " ~ model ~ " yet") }}
+{%- endif %}
+select 1 as x where 1 = 0
+{% endtest %}
+"""
+
+
+def test_explain_prints_what_compiled_and_names_what_did_not(envs, capsys):
+    """A generic test that reads the model's columns at compile time raises while the model is
+    not built in dev yet (dbt build compiles it after the model): the table still shows the
+    model's rows, and one line names the test (issue 24)."""
+    with envs.edited("tests/generic/has_columns.sql", HAS_COLUMNS), \
+            envs.edited("models/explain_new.sql", "select customer_id from {{ ref('stg_customers') }}\n"), \
+            envs.edited("models/_explain_new.yml", "models:\n  - name: explain_new\n    data_tests: [has_columns]\n"):
+        code, out, err = run_cli(capsys, envs, "explain", "-s", "explain_new", "--target", "dev")
+        assert code == 0, err
+        row = next(line for line in out.splitlines() if line.startswith("| explain_new"))
+        assert "| stg_customers" in row and "| staging" in row
+        [line] = [line for line in err.splitlines() if "did not compile" in line]
+        assert line.startswith("dbt-defer: explain: test has_columns_explain_new_ did not compile, so its refs are "
+                               "not in the table (")
+        assert "no columns in" in line and "Traceback" not in err
+        code, out, err = run_cli(capsys, envs, "explain", "-s", "explain_new", "--target", "dev", "--output", "json")
+        assert code == 0, err
+        doc = json.loads(out)
+        assert len(doc["not_compiled"]) == 1 and doc["not_compiled"][0]["node"].startswith(
+            "test.dbt_defer_integration_tests.has_columns_explain_new")
+        assert {r["node"] for r in doc["resolutions"]} >= {"model.dbt_defer_integration_tests.explain_new"}
+
+
+def test_explain_into_a_closed_pipe_exits_quietly(envs):
+    env = dict(os.environ, **CHAIN, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    cmd = (f"{shlex.quote(sys.executable)} -m dbt_defer.cli explain -s customers --target dev "
+           f"--project-dir {shlex.quote(str(envs.root))} --profiles-dir {shlex.quote(str(envs.root))} | true")
+    res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env)
+    assert res.returncode == 0
+    assert "BrokenPipeError" not in res.stderr and "unexpected error" not in res.stderr, res.stderr
 
 
 def test_explain_without_any_environment_exits_2(envs, capsys):

@@ -343,7 +343,7 @@ def test_savings_without_run_results_are_null(envs):
     folder = envs.root / "prod-manifest-only"
     folder.mkdir(exist_ok=True)
     (folder / "manifest.json").write_text((envs.root / "prod-artifacts" / "manifest.json").read_text())
-    result = envs.dbt("compile", "-s", "model_b", env={
+    result = envs.dbt("run", "-s", "model_b", env={
         "DBT_DEFER": "1", "DBT_DEFER_PROD_STATE": "prod-manifest-only", "DBT_DEFER_DEV_RELATIONS": "never"})
     summary = envs.audit()["summary"]
     # dbt build -s +model_b would also build model_a, stg_customers and raw_customers
@@ -394,7 +394,7 @@ def test_no_artifact_without_deferral(envs):
 def test_lines_reach_dbt_log(envs):
     log_file = envs.root / "logs" / "dbt.log"
     log_file.unlink(missing_ok=True)
-    envs.dbt("compile", "-s", "model_b", env=NEVER_DEV)
+    envs.dbt("run", "-s", "model_b", env=NEVER_DEV)  # savings: only commands that build report them
     text = log_file.read_text()
     assert f"dbt-defer: {uid('model_b')} -> {uid('model_a')}: prod {rel(envs, 'prod', 'model_a')}" in text
     seconds, used = expected_savings(envs, [uid("model_a"), uid("raw_customers", "seed"), uid("stg_customers")])
@@ -410,7 +410,7 @@ def test_lines_in_json_log_format(envs):
     log_file.unlink(missing_ok=True)
     release_duckdb()
     proc = subprocess.run(
-        [dbt, "--log-format", "json", "compile", "-s", "model_b",
+        [dbt, "--log-format", "json", "run", "-s", "model_b",
          "--project-dir", str(envs.root), "--profiles-dir", str(envs.root)],
         env=env, cwd=str(envs.root), capture_output=True, text=True, timeout=300,
     )

@@ -183,3 +183,75 @@ def test_a_bad_meta_limit_is_reported_at_start_even_when_no_ref_reads_that_node(
     assert ("dbt-defer: meta dbt_defer.limit of model.dbt_defer_integration_tests.model_a is '1000' "
             "(models/docs_example/_limit_typo.yml); use a whole number") in str(result.exception)
     assert not result.node_results()  # nothing ran
+
+
+# --- honest summaries (issue 24) ------------------------------------------------------------------
+
+
+def summary_of(result):
+    [line] = [m for m in ours(result, "info") if " resolved" in m]
+    return line
+
+
+def test_commands_that_build_nothing_claim_no_savings(proj):
+    built = proj.dbt("run", "-s", "model_b", env=ENV)
+    assert "upstream nodes not rebuilt" in summary_of(built)
+    for command in ("test", "compile"):
+        result = proj.dbt(command, "-s", "model_b", env=ENV)
+        assert "not rebuilt" not in summary_of(result), command
+        assert proj.audit()["summary"]["not_built"] == 0 and proj.audit()["summary"]["saved_seconds"] is None
+
+
+def test_a_run_whose_every_node_was_refused_claims_no_savings(proj):
+    proj.dbt("compile")
+    copied = proj.root / "dev-copy"
+    copied.mkdir(exist_ok=True)
+    shutil.copy(proj.target / "manifest.json", copied / "manifest.json")
+    result = proj.dbt("run", "-s", "customers", env={"DBT_DEFER": "1", "DBT_DEFER_PROD_STATE": "dev-copy"},
+                      expect=False)
+    assert "refusing to write" in next(iter(result.node_results().values())).message
+    assert "not rebuilt" not in summary_of(result)
+
+
+SILENCED = """version: 2
+models:
+  - name: model_b
+    columns:
+      - name: id
+        data_tests:
+          - relationships:
+              to: ref('model_a')
+              field: id
+              config:
+                meta: {dbt_defer: {cross_environment: ok}}
+"""
+
+
+def test_the_cross_environment_warning_says_how_to_silence_it_and_meta_does(proj):
+    result = proj.dbt("build", "-s", "model_b", env=ENV)
+    [line] = [m for m in ours(result, "warn") if "compares data across" in m]
+    assert line.endswith("silence this warning with config: {meta: {dbt_defer: {cross_environment: ok}}} on the test")
+    with proj.edited("models/docs_example/_docs_example.yml", SILENCED):
+        result = proj.dbt("build", "-s", "model_b", env=ENV)
+    assert not [m for m in ours(result, "warn") if "compares data across" in m]
+    flagged = {r["node"] for r in proj.audit()["resolutions"] if r["cross_environment"]}
+    assert flagged == {REL_TEST}  # the audit still says what it is
+
+
+def test_the_summary_names_the_tests_that_read_limited_parents(proj):
+    result = proj.dbt("build", "-s", "model_b", "--vars", "{dbt_defer: {limits: {dev: 1}}}", env=ENV, expect=None)
+    assert summary_of(result).endswith(f"; 1 data test read row-limited parents ({REL_TEST})")
+    result = proj.dbt("build", "-s", "model_b", env=ENV)
+    assert "row-limited" not in summary_of(result)
+
+
+def test_a_run_with_deferral_off_removes_the_previous_deferred_runs_audit(proj):
+    proj.dbt("compile", "-s", "customers", env=ENV)
+    audit = proj.target / "dbt_defer_audit.json"
+    assert audit.is_file()
+    plain = proj.dbt("compile", "-s", "customers", env={k: v for k, v in ENV.items() if k != "DBT_DEFER"})
+    assert not audit.exists()  # it would look like this run's
+    assert not ours(plain)  # otherwise inert: not a line
+    sql = proj.compiled("models/marts/customers.sql")
+    again = proj.dbt("compile", "-s", "customers")  # no audit to remove: the same run
+    assert again.success and proj.compiled("models/marts/customers.sql") == sql and not audit.exists()

@@ -231,6 +231,18 @@ def limited_nodes(records: Iterable[Any]) -> Set[str]:
     return affected
 
 
+def limited_tests_text(records: Iterable[Any]) -> str:
+    """The summary's tail naming the data tests that read row-limited parents in this run
+    (their own limited ref, or a dev model built from limited data), or ''."""
+    records = list(records)
+    affected = limited_nodes(records)
+    tests = sorted({r.node for r in records if r.is_test and (r.node in affected or r.ref in affected)})
+    if not tests:
+        return ""
+    shown = ", ".join(tests[:5]) + (f" and {len(tests) - 5} more" if len(tests) > 5 else "")
+    return f"; {len(tests)} data test{'s' if len(tests) != 1 else ''} read row-limited parents ({shown})"
+
+
 def failing_tests_line(records: Iterable[Any], failing: Iterable[str]) -> Optional[str]:
     """One line naming the failing data tests whose parents were limited in this run, or None."""
     records = list(records)

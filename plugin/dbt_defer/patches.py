@@ -62,6 +62,7 @@ def _run(self: Any) -> Any:
     global _ACTIVE
     original: Callable = _ORIGINALS["run"]
     if not _deferring(self):
+        _forget_stale_audit(self)
         return original(self)
     from dbt_defer.session import DeferSession, config_for_task, end_refused, say_notices
 
@@ -90,6 +91,18 @@ def _run(self: Any) -> Any:
         vars(self).pop("task_end_messages", None)
         if not getattr(session, "finished", False):
             _finish(session, error)
+
+
+def _forget_stale_audit(task: Any) -> None:
+    """Deferral off: a previous deferred run's audit in this target path would look like this
+    run's (dbt rewrites its own artifacts now), so it is removed. Only our own file; never an
+    error or a line (the plugin is otherwise inert with deferral off)."""
+    try:
+        from dbt_defer.audit import remove_stale
+
+        remove_stale(task)
+    except Exception:
+        pass
 
 
 def _finish_before_end_messages(task: Any, session: Any) -> None:

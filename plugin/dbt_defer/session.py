@@ -315,20 +315,21 @@ class DeferSession:
         saved = self._savings()
         document = audit.build_document(records, metadata=metadata, environments=self._described(), saved=saved)
         audit.write_for_run(task, document, _warn)
+        # only commands that run tests report them (compile/show only compile them)
+        ran_tests = audit.command_of(task) in ("test", "build")
         try:
-            # only commands that run tests report them (compile/show only compile them)
-            ran_tests = audit.command_of(task) in ("test", "build")
-            for test, envs in (audit.cross_environment_tests(records) if ran_tests else {}).items():
-                log(
-                    f"dbt-defer: {test} compares data across environments ({', '.join(envs)}); "
-                    "its result may not hold in any single environment",
-                    EventLevel.WARN,
-                )
+            crossed = audit.cross_environment_tests(records) if ran_tests else {}
+            for test, envs in crossed.items():
+                if not audit.cross_environment_ok(task.manifest.nodes.get(test)):
+                    log(audit.cross_environment_line(test, envs), EventLevel.WARN)
             if self.cfg.audit_table and records and not self.cfg.explain:
                 audit_table.append(task, document, self.environments, log)
         finally:
-            log(audit.summary_line(document["summary"], (r.limit for r in records), saved.measured_in,
-                                   audit.kinds_read(records)))
+            line = audit.summary_line(document["summary"], (r.limit for r in records), saved.measured_in,
+                                      audit.kinds_read(records))
+            if ran_tests:
+                line += limits.limited_tests_text(records)
+            log(line)
             line = limits.failing_tests_line(records, audit.tests_with_failures(task))
             if line:
                 log(line, EventLevel.WARN)
@@ -337,10 +338,17 @@ class DeferSession:
         return [e.describe() for e in self.environments]
 
     def _savings(self) -> audit.Savings:
-        """SPEC §5 not_built / saved_seconds; a failure is one warning, never the run's outcome."""
+        """SPEC §5 not_built / saved_seconds, reported only by commands that build (run, build,
+        seed, snapshot, clone; explain as the build): a test, compile or show run builds nothing,
+        and neither does a run whose every selected model, seed and snapshot the guard refused.
+        A failure is one warning, never the run's outcome."""
+        if not self._writes:
+            return audit.Savings()
         try:
             # dbt sets the selection when it executes; a run that selected nothing never merged
             selected = self._selected_now() if self.merged else frozenset()
+            if self.refused and audit.all_refused(self.task.manifest, selected, self.refused):
+                return audit.Savings()
             return audit.savings(
                 audit.upstream_not_selected(self.task.manifest, selected),
                 [(e.name, e.manifest.build_seconds if e.manifest.run_results_path else None)

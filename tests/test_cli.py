@@ -90,7 +90,7 @@ def test_the_chain_logic_does_not_import_the_cli():
 def test_status_table_and_json(envs, capsys):
     code, out, err = run_cli(capsys, envs, "status")
     assert code == 0, err
-    for word in ("staging", "prod", "staging-artifacts", "DBT_DEFER_PROD_STATE", "generated_at", "age", "dbt version", "nodes", "stale"):
+    for word in ("staging", "prod", "staging-artifacts", "DBT_DEFER_PROD_STATE", "generated_at", "age", "dbt version", "nodes", "run_results", "stale"):
         assert word in out
     assert out.index("| staging") < out.index("| prod")
 
@@ -105,7 +105,15 @@ def test_status_table_and_json(envs, capsys):
     assert prod["generated_at"] == prod_manifest["metadata"]["generated_at"]
     assert prod["dbt_version"] == prod_manifest["metadata"]["dbt_version"]
     assert prod["configured_by"] == "DBT_DEFER_PROD_STATE"
+    assert prod["run_results"] is True
     assert doc["usable"] is True
+    # a manifest alone: the column says no (failed nodes there are unknown, no build times)
+    alone = envs.root / "prod-manifest-alone"
+    alone.mkdir(exist_ok=True)
+    (alone / "manifest.json").write_text((envs.root / "prod-artifacts" / "manifest.json").read_text())
+    code, out, err = run_cli(capsys, envs, "status", "--output", "json", env=dict(CHAIN, DBT_DEFER_PROD_STATE=str(alone)))
+    assert code == 0, err
+    assert [e["run_results"] for e in json.loads(out)["environments"]] == [True, False]
 
 
 def test_status_names_the_target_its_chain_and_the_shim(envs, capsys):

@@ -343,7 +343,7 @@ def test_savings_without_run_results_are_null(envs):
     folder = envs.root / "prod-manifest-only"
     folder.mkdir(exist_ok=True)
     (folder / "manifest.json").write_text((envs.root / "prod-artifacts" / "manifest.json").read_text())
-    result = envs.dbt("compile", "-s", "model_b", env={
+    result = envs.dbt("build", "-s", "model_b", env={  # savings: only commands that build report them
         "DBT_DEFER": "1", "DBT_DEFER_PROD_STATE": "prod-manifest-only", "DBT_DEFER_DEV_RELATIONS": "never"})
     summary = envs.audit()["summary"]
     # dbt build -s +model_b would also build model_a, stg_customers and raw_customers
@@ -394,11 +394,11 @@ def test_no_artifact_without_deferral(envs):
 def test_lines_reach_dbt_log(envs):
     log_file = envs.root / "logs" / "dbt.log"
     log_file.unlink(missing_ok=True)
-    envs.dbt("compile", "-s", "model_b", env=NEVER_DEV)
+    envs.dbt("run", "-s", "model_b", env=NEVER_DEV)  # savings: only commands that build report them
     text = log_file.read_text()
     assert f"dbt-defer: {uid('model_b')} -> {uid('model_a')}: prod {rel(envs, 'prod', 'model_a')}" in text
     seconds, used = expected_savings(envs, [uid("model_a"), uid("raw_customers", "seed"), uid("stg_customers")])
-    assert "dbt-defer: 3 refs resolved: dev 1, prod 2" + savings_tail(3, seconds, used) + "\n" in text
+    assert "dbt-defer: 1 ref resolved: prod 1" + savings_tail(3, seconds, used) + "\n" in text
 
 
 def test_lines_in_json_log_format(envs):
@@ -410,17 +410,17 @@ def test_lines_in_json_log_format(envs):
     log_file.unlink(missing_ok=True)
     release_duckdb()
     proc = subprocess.run(
-        [dbt, "--log-format", "json", "compile", "-s", "model_b",
+        [dbt, "--log-format", "json", "run", "-s", "model_b",
          "--project-dir", str(envs.root), "--profiles-dir", str(envs.root)],
         env=env, cwd=str(envs.root), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stdout = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    summary = [e for e in stdout if e["data"].get("msg", "").startswith("dbt-defer: 3 refs resolved")]
+    summary = [e for e in stdout if e["data"].get("msg", "").startswith("dbt-defer: 1 ref resolved")]
     assert len(summary) == 1
     assert summary[0]["info"]["level"] == "info" and summary[0]["info"]["name"] == "Note"
     seconds, used = expected_savings(envs, [uid("model_a"), uid("raw_customers", "seed"), uid("stg_customers")])
-    assert summary[0]["data"]["msg"] == "dbt-defer: 3 refs resolved: dev 1, prod 2" + savings_tail(3, seconds, used)
+    assert summary[0]["data"]["msg"] == "dbt-defer: 1 ref resolved: prod 1" + savings_tail(3, seconds, used)
 
     in_file = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
     debug = [e for e in in_file if e["data"].get("msg", "").startswith(f"dbt-defer: {uid('model_b')} -> ")]

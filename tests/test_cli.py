@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_the_chain_logic_does_not_import_the_cli():
 def test_status_table_and_json(envs, capsys):
     code, out, err = run_cli(capsys, envs, "status")
     assert code == 0, err
-    for word in ("staging", "prod", "staging-artifacts", "DBT_DEFER_PROD_STATE", "generated_at", "age", "dbt version", "nodes", "stale"):
+    for word in ("staging", "prod", "staging-artifacts", "DBT_DEFER_PROD_STATE", "generated_at", "age", "dbt version", "nodes", "run_results", "stale"):
         assert word in out
     assert out.index("| staging") < out.index("| prod")
 
@@ -104,7 +105,15 @@ def test_status_table_and_json(envs, capsys):
     assert prod["generated_at"] == prod_manifest["metadata"]["generated_at"]
     assert prod["dbt_version"] == prod_manifest["metadata"]["dbt_version"]
     assert prod["configured_by"] == "DBT_DEFER_PROD_STATE"
+    assert prod["run_results"] is True
     assert doc["usable"] is True
+    # a manifest alone: the column says no (failed nodes there are unknown, no build times)
+    alone = envs.root / "prod-manifest-alone"
+    alone.mkdir(exist_ok=True)
+    (alone / "manifest.json").write_text((envs.root / "prod-artifacts" / "manifest.json").read_text())
+    code, out, err = run_cli(capsys, envs, "status", "--output", "json", env=dict(CHAIN, DBT_DEFER_PROD_STATE=str(alone)))
+    assert code == 0, err
+    assert [e["run_results"] for e in json.loads(out)["environments"]] == [True, False]
 
 
 def test_status_names_the_target_its_chain_and_the_shim(envs, capsys):
@@ -312,10 +321,15 @@ def test_explain_prints_the_savings_estimate(envs, capsys):
     summary = json.loads(out)["summary"]
     assert (summary["not_built"], summary["saved_seconds"]) == (4, seconds)
 
-    code, out, err = run_cli(capsys, envs, "explain", "-s", "customers", "--target", "dev", "--as", "compile")
+    code, out, err = run_cli(capsys, envs, "explain", "-s", "customers", "--target", "dev")
     assert code == 0, err
     last = out.rstrip().splitlines()[-1]
     assert last.endswith(savings_tail(4, seconds, used)), last
+    # as dbt compile: a compile builds nothing, so it claims no savings (issue 24), like dbt compile itself
+    code, out, err = run_cli(capsys, envs, "explain", "-s", "customers", "--target", "dev", "--as", "compile")
+    assert code == 0, err
+    last = out.rstrip().splitlines()[-1]
+    assert "not rebuilt" not in last, last
     result = envs.dbt("compile", "-s", "customers", "--target", "dev", env=dict(CHAIN, DBT_DEFER="1"))
     assert [m["msg"] for m in result.messages if m["level"] == "info" and "refs resolved" in m["msg"]] == [last]
 
@@ -332,6 +346,52 @@ def test_explain_unresolvable_ref_is_a_missing_row(envs, capsys):
     assert len(lines) == 3 and "Traceback" not in err, err  # dim_customers v1, customers, calendar_years
     assert all(line.startswith("dbt-defer:") and "customer_report" in line and "exists nowhere" in line for line in lines)
     assert warehouse_snapshot(envs) == before
+
+
+HAS_COLUMNS = """{% test has_columns(model) %}
+{%- if execute and not adapter.get_columns_in_relation(model) -%}
+  {{ exceptions.raise_compiler_error("no columns in " ~ model ~ " yet") }}
+{%- endif %}
+select 1 as x where 1 = 0
+{% endtest %}
+"""
+
+
+def test_explain_prints_what_compiled_and_names_what_did_not(envs, capsys):
+    """A generic test that reads the model's columns at compile time raises while the model is
+    not built in dev yet (dbt build compiles it after the model): the table still shows the
+    model's rows, and one line names the test (issue 24)."""
+    with envs.edited("tests/generic/has_columns.sql", HAS_COLUMNS), \
+            envs.edited("models/explain_new.sql", "select customer_id from {{ ref('stg_customers') }}\n"), \
+            envs.edited("models/_explain_new.yml", "models:\n  - name: explain_new\n    data_tests: [has_columns]\n"):
+        code, out, err = run_cli(capsys, envs, "explain", "-s", "explain_new", "--target", "dev")
+        assert code == 0, err
+        row = next(line for line in out.splitlines() if line.startswith("| explain_new"))
+        assert "| stg_customers" in row and "| staging" in row
+        [line] = [line for line in err.splitlines() if "did not compile" in line]
+        assert line.startswith("dbt-defer: explain: test has_columns_explain_new_ did not compile, so its refs are "
+                               "not in the table (")
+        assert "no columns in" in line and "Traceback" not in err
+        code, out, err = run_cli(capsys, envs, "explain", "-s", "explain_new", "--target", "dev", "--output", "json")
+        assert code == 0, err
+        doc = json.loads(out)
+        assert len(doc["not_compiled"]) == 1 and doc["not_compiled"][0]["node"].startswith(
+            "test.dbt_defer_integration_tests.has_columns_explain_new")
+        assert {r["node"] for r in doc["resolutions"]} >= {"model.dbt_defer_integration_tests.explain_new"}
+
+
+def test_explain_into_a_closed_pipe_exits_quietly(envs):
+    """dbt-defer explain ... | head: the reader is gone before the table is printed."""
+    from test_audit import release_duckdb
+
+    release_duckdb()  # the explain runs in another process
+    env = dict(os.environ, **CHAIN, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    cmd = (f"{shlex.quote(sys.executable)} -m dbt_defer.cli explain -s customers --target dev "
+           f"--project-dir {shlex.quote(str(envs.root))} --profiles-dir {shlex.quote(str(envs.root))} | true; "
+           "exit ${PIPESTATUS[0]}")
+    res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, cwd=str(envs.root))
+    assert "BrokenPipeError" not in res.stderr and "unexpected error" not in res.stderr, res.stderr
+    assert res.returncode == 141, res.stderr  # 128 + SIGPIPE: what a shell reports for a closed pipe
 
 
 def test_explain_without_any_environment_exits_2(envs, capsys):

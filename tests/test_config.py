@@ -292,8 +292,8 @@ def test_good_other_values():
     cfg = load_config(
         {
             "limits": {"dev": 1000, "ci": None},
-            "limit_tests": "true",
-            "never_defer": "tag:pii",
+            "limit_tests": True,
+            "never_defer": ["tag:pii"],
             "max_age_hours": 1.5,
             "audit_table": True,
         },
@@ -457,3 +457,40 @@ def test_environments_skipped_by_an_empty_state_are_recorded():
     cfg = load_config(CHAIN_VARS, {"DBT_DEFER_STAGING_STATE": ""}, ROOT)
     assert [e.name for e in cfg.environments] == ["prod"]
     assert cfg.skipped == (("staging", "DBT_DEFER_STAGING_STATE"),)
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        ({"never_defer": "tag:pii"}, 'is the string "tag:pii"; it must be a list of dbt selectors: never_defer: ["tag:pii"]'),
+        ({"audit_table": "yes"}, "audit_table (dbt_project.yml or --vars) is the string 'yes'; write true without quotes"),
+        ({"limit_tests": "false"}, "limit_tests (dbt_project.yml or --vars) is the string 'false'; write false without"),
+        ({"limits": {"dev": "1000"}}, "limits (dbt_project.yml or --vars) for target 'dev' is the string '1000'; write 1000 without quotes"),
+        ({"max_age_hours": "24"}, "max_age_hours (dbt_project.yml or --vars) is the string '24'; write 24 without quotes"),
+    ],
+)
+def test_quoted_values_are_refused_alike_with_the_unquoted_fix(settings, needle):
+    message = _error(settings)
+    assert needle in message and "\n" not in message
+
+
+def test_a_misspelled_state_variable_suffix_gets_one_did_you_mean():
+    cfg = load_config({}, {"DBT_DEFER_PROD_STAT": "x", "DBT_DEFER_STAGING_STATE": "s"}, ROOT)
+    assert cfg.notices == (
+        "dbt-defer: environment variable DBT_DEFER_PROD_STAT is not read by dbt-defer; did you mean "
+        "DBT_DEFER_PROD_STATE? Rename it",
+    )
+    cfg = load_config({}, {"DBT_DEFER_DEV_RELATION": "never", "DBT_DEFER_TEST_PG_HOST": "h", "DBT_DEFER": "1"}, ROOT)
+    assert [n.split(";")[1] for n in cfg.notices] == [" did you mean DBT_DEFER_DEV_RELATIONS? Rename it"]
+
+
+def test_a_hyphenated_vars_key_gets_one_did_you_mean():
+    from dbt_defer.settings import vars_key_notice
+
+    line = vars_key_notice({"dbt-defer": {"environments": []}}, {})
+    assert line == ("dbt-defer: vars: dbt-defer (dbt_project.yml) is not read by dbt-defer; did you mean "
+                    "vars: dbt_defer (with an underscore)? Rename the key")
+    assert "(--vars)" in vars_key_notice({}, {"dbtDefer": {"limits": {}}})
+    assert vars_key_notice({"dbt_defer": {}, "dbt-defer": {}}, {}) is None
+    assert vars_key_notice({"dbt_date": {"x": 1}, "dbt-defer": "not a mapping"}, {}) is None
+    assert load_config({}, {}, ROOT, vars_notice=line).notices == (line,)

@@ -140,3 +140,118 @@ def test_a_misspelled_state_variable_is_warned_by_runs_and_status(proj, capsys):
     out, err = capsys.readouterr()
     assert "did you mean DBT_DEFER_PROD_STATE?" in err
     assert "skipped: staging (DBT_DEFER_STAGING_STATE is empty, so that environment is not in the chain)" in out
+
+
+# --- silent typos (issue 24): one did-you-mean line, one rule for every value -----------------
+
+
+def test_a_hyphenated_vars_key_gets_a_did_you_mean_before_dbts_own_error(proj):
+    settings = json.dumps({"dbt-defer": {"environments": [{"name": "prod", "state": "prod-artifacts"}]}})
+    result = proj.dbt("compile", "-s", "customers", "--vars", settings, env={"DBT_DEFER": "1"}, expect=False)
+    [line] = [m for m in ours(result, "warn") if "did you mean" in m]
+    assert line == ("dbt-defer: vars: dbt-defer (--vars) is not read by dbt-defer; did you mean vars: dbt_defer "
+                    "(with an underscore)? Rename the key")
+    assert "--state or --defer-state are required" in str(result.exception)  # dbt's own error, as before
+
+
+def test_a_misspelled_state_variable_gets_a_did_you_mean(proj):
+    result = proj.dbt("compile", "-s", "customers", env={"DBT_DEFER": "1", "DBT_DEFER_PROD_STAT": "prod-artifacts"},
+                      expect=False)
+    [line] = [m for m in ours(result, "warn") if "did you mean" in m]
+    assert line == ("dbt-defer: environment variable DBT_DEFER_PROD_STAT is not read by dbt-defer; did you mean "
+                    "DBT_DEFER_PROD_STATE? Rename it")
+    # and beside a working chain, once
+    result = proj.dbt("compile", "-s", "customers", env={**ENV, "DBT_DEFER_PROD_STAT": "x"})
+    assert len([m for m in ours(result, "warn") if "DBT_DEFER_PROD_STAT " in m]) == 1
+
+
+@pytest.mark.parametrize("settings, needle", [
+    ({"never_defer": "tag:pii"}, 'never_defer (dbt_project.yml or --vars) is the string "tag:pii"; it must be a '
+                                 'list of dbt selectors: never_defer: ["tag:pii"]'),
+    ({"audit_table": "yes"}, "audit_table (dbt_project.yml or --vars) is the string 'yes'; write true without quotes"),
+])
+def test_values_of_the_wrong_type_are_refused_like_a_quoted_limit(proj, settings, needle):
+    result = proj.dbt("compile", "-s", "customers", "--vars", json.dumps({"dbt_defer": settings}), env=ENV,
+                      expect=False)
+    assert needle in str(result.exception)
+
+
+def test_a_bad_meta_limit_is_reported_at_start_even_when_no_ref_reads_that_node(proj):
+    with proj.edited("models/docs_example/_limit_typo.yml",
+                     "models:\n  - name: model_a\n    config:\n      meta: {dbt_defer: {limit: \"1000\"}}\n"):
+        result = proj.dbt("compile", "-s", "stg_customers", env=ENV, expect=False)
+    assert ("dbt-defer: meta dbt_defer.limit of model.dbt_defer_integration_tests.model_a is '1000' "
+            "(models/docs_example/_limit_typo.yml); use a whole number") in str(result.exception)
+    assert not result.node_results()  # nothing ran
+
+
+# --- honest summaries (issue 24) ------------------------------------------------------------------
+
+
+def summary_of(result):
+    [line] = [m for m in ours(result, "info") if " resolved" in m]
+    return line
+
+
+def test_commands_that_build_nothing_claim_no_savings(proj):
+    built = proj.dbt("run", "-s", "model_b", env=ENV)
+    assert "upstream nodes not rebuilt" in summary_of(built)
+    for command in ("test", "compile"):
+        result = proj.dbt(command, "-s", "model_b", env=ENV)
+        assert "not rebuilt" not in summary_of(result), command
+        assert proj.audit()["summary"]["not_built"] == 0 and proj.audit()["summary"]["saved_seconds"] is None
+
+
+def test_a_run_whose_every_node_was_refused_claims_no_savings(proj):
+    proj.dbt("compile")
+    copied = proj.root / "dev-copy"
+    copied.mkdir(exist_ok=True)
+    shutil.copy(proj.target / "manifest.json", copied / "manifest.json")
+    result = proj.dbt("run", "-s", "customers", env={"DBT_DEFER": "1", "DBT_DEFER_PROD_STATE": "dev-copy"},
+                      expect=False)
+    assert "refusing to write" in next(iter(result.node_results().values())).message
+    assert "not rebuilt" not in summary_of(result)
+
+
+SILENCED = """version: 2
+models:
+  - name: model_b
+    columns:
+      - name: id
+        data_tests:
+          - relationships:
+              to: ref('model_a')
+              field: id
+              config:
+                meta: {dbt_defer: {cross_environment: ok}}
+"""
+
+
+def test_the_cross_environment_warning_says_how_to_silence_it_and_meta_does(proj):
+    result = proj.dbt("build", "-s", "model_b", env=ENV)
+    [line] = [m for m in ours(result, "warn") if "compares data across" in m]
+    assert line.endswith("silence this warning with config: {meta: {dbt_defer: {cross_environment: ok}}} on the test")
+    with proj.edited("models/docs_example/_docs_example.yml", SILENCED):
+        result = proj.dbt("build", "-s", "model_b", env=ENV)
+    assert not [m for m in ours(result, "warn") if "compares data across" in m]
+    flagged = {r["node"] for r in proj.audit()["resolutions"] if r["cross_environment"]}
+    assert flagged == {REL_TEST}  # the audit still says what it is
+
+
+def test_the_summary_names_the_tests_that_read_limited_parents(proj):
+    result = proj.dbt("build", "-s", "model_b", "--vars", "{dbt_defer: {limits: {dev: 1}}}", env=ENV, expect=None)
+    assert summary_of(result).endswith(f"; 1 data test read row-limited parents ({REL_TEST})")
+    result = proj.dbt("build", "-s", "model_b", env=ENV)
+    assert "row-limited" not in summary_of(result)
+
+
+def test_a_run_with_deferral_off_removes_the_previous_deferred_runs_audit(proj):
+    proj.dbt("compile", "-s", "customers", env=ENV)
+    audit = proj.target / "dbt_defer_audit.json"
+    assert audit.is_file()
+    plain = proj.dbt("compile", "-s", "customers", env={k: v for k, v in ENV.items() if k != "DBT_DEFER"})
+    assert not audit.exists()  # it would look like this run's
+    assert not ours(plain)  # otherwise inert: not a line
+    sql = proj.compiled("models/marts/customers.sql")
+    again = proj.dbt("compile", "-s", "customers")  # no audit to remove: the same run
+    assert again.success and proj.compiled("models/marts/customers.sql") == sql and not audit.exists()

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 from dbt_defer import chain
-from dbt_defer.config import DEV, EnvironmentSpec, one_line
+from dbt_defer.config import DEV, EnvironmentSpec, node_meta, one_line
 from dbt_defer.localfiles import replace_atomically, sweep
 from dbt_defer.manifests import REFABLE
 from dbt_defer.version import __version__
@@ -95,6 +95,30 @@ def cross_environment_tests(records: Iterable[Record]) -> Dict[str, List[str]]:
         if r.is_test and r.env != "ephemeral":
             envs.setdefault(r.node, set()).add(r.env)
     return {node: sorted(e) for node, e in envs.items() if len(e) > 1}
+
+
+CROSS_ENVIRONMENT_OK = "ok"  # meta: {dbt_defer: {cross_environment: ok}} on a test: no warning
+
+
+def cross_environment_ok(node: Any) -> bool:
+    """The test says comparing across environments is what it means to do (e.g. expected rows
+    from a seed): its warning is silenced (its records still carry ``cross_environment``)."""
+    value = node_meta(node).get("cross_environment") if node is not None else None
+    return isinstance(value, str) and value.strip().lower() == CROSS_ENVIRONMENT_OK
+
+
+def cross_environment_line(test: str, envs: Sequence[str]) -> str:
+    return (
+        f"dbt-defer: {test} compares data across environments ({', '.join(envs)}); its result may not hold "
+        "in any single environment. If that is intended (e.g. expected rows from a seed), silence this "
+        "warning with config: {meta: {dbt_defer: {cross_environment: ok}}} on the test"
+    )
+
+
+def all_refused(manifest: Any, selected: FrozenSet[str], refused: Any) -> bool:
+    """Did the write guard refuse every selected model, seed and snapshot (nothing was built)?"""
+    buildable = [u for u in selected if getattr(manifest.nodes.get(u), "resource_type", None) in REFABLE]
+    return bool(buildable) and all(u in refused for u in buildable)
 
 
 def summarize(records: Sequence[Record], env_order: Sequence[str], current: str = DEV) -> Dict[str, Any]:
@@ -297,6 +321,16 @@ def end_refused(task: Any, error: BaseException, environments: Sequence[Any],
         warn(f"dbt-defer: could not record the refused run in the audit ({one_line(exc)})")
         return
     write_for_run(task, document, warn)
+
+
+def remove_stale(task: Any) -> None:
+    """A run with deferral off: remove the audit a previous deferred run left in the target path
+    (removed, not marked: a marked file still holds resolutions a reader or a CI upload could take
+    for this run's, and marking would rewrite a large file on every plain run). One stat when
+    there is none."""
+    path = os.path.join(chain.target_path_of(task.config), AUDIT_FILE)
+    if os.path.isfile(path):
+        os.unlink(path)
 
 
 def upstream_not_selected(manifest: Any, selected: FrozenSet[str]) -> List[str]:

@@ -116,13 +116,15 @@ def local_state(
     warn: Optional[Callable[[str], None]] = None,
     project_name: Optional[str] = None,
 ) -> str:
-    """The local folder/file for an environment's state; a URI is fetched into the cache first
+    """The local folder/file for an environment's state; a URI (or a local folder ``dbt-defer
+    publish`` wrote, through its pointer) is fetched into the cache first
     (a download of another project's manifest is refused before it replaces the cached copy)."""
-    if not spec.is_uri:
-        return spec.state
     from dbt_defer import remote
 
-    return remote.fetch_state(spec, target_path, warn=warn, project_name=project_name)
+    fetched = remote.fetched_form(spec)  # a local folder dbt-defer publish wrote: its file:// form
+    if fetched is None:
+        return spec.state
+    return remote.fetch_state(fetched, target_path, warn=warn, project_name=project_name)
 
 
 def load_environment(

@@ -69,3 +69,46 @@ def unknown_name_notice(name: str, key: str, configured: list, others: list) -> 
             "it is a typo"
         )
     return None
+
+
+# the DBT_DEFER_* variables read besides DBT_DEFER_<NAME>_STATE (dbt's own DBT_DEFER_STATE included)
+KNOWN_VARIABLES = (
+    "DBT_DEFER_STATE", "DBT_DEFER_DEV_RELATIONS", "DBT_DEFER_COMPILE_AS", "DBT_DEFER_EXPLAIN",
+    "DBT_DEFER_MAX_STATE_MB", "DBT_DEFER_FETCH_TIMEOUT", "DBT_DEFER_DEBUG", "DBT_DEFER_PACKAGE_DIR",
+)
+STATE_SUFFIX = "_STATE"
+
+
+def unknown_variable_notice(key: str) -> Optional[str]:
+    """A did-you-mean line for a DBT_DEFER_* variable dbt-defer does not read but that is a near
+    miss of one it does (DBT_DEFER_PROD_STAT -> DBT_DEFER_PROD_STATE); None otherwise (other
+    tools' DBT_DEFER_* variables are left alone)."""
+    upper = key.upper()
+    if not upper.startswith("DBT_DEFER_") or upper in KNOWN_VARIABLES or upper.endswith(STATE_SUFFIX):
+        return None
+    guesses = [k for k in KNOWN_VARIABLES if distance(upper, k) <= 2]
+    head, sep, last = upper[len("DBT_DEFER_"):].rpartition("_")
+    if sep and head and distance(last, "STATE") <= 2:
+        guesses.append(f"DBT_DEFER_{head}{STATE_SUFFIX}")
+    if not guesses:
+        return None
+    guess = min(guesses, key=lambda k: (distance(upper, k), k))
+    return f"dbt-defer: environment variable {key} is not read by dbt-defer; did you mean {guess}? Rename it"
+
+
+def misspelled_vars_key_notice(project_vars: Any, cli_vars: Any) -> Optional[str]:
+    """A did-you-mean line for a mapping under a near miss of ``vars: dbt_defer`` (``dbt-defer``,
+    ``dbtDefer``, ``dbt_defre``) while ``dbt_defer`` itself is absent; None otherwise."""
+    for where, found in (("dbt_project.yml", project_vars), ("--vars", cli_vars)):
+        if not isinstance(found, dict) or "dbt_defer" in found:
+            continue
+        for key, value in found.items():
+            if not isinstance(key, str) or not isinstance(value, dict):
+                continue
+            folded = re.sub(r"[^a-z]", "", key.lower())
+            if folded == "dbtdefer" or distance(key.lower(), "dbt_defer") <= 2:
+                return (
+                    f"dbt-defer: vars: {key} ({where}) is not read by dbt-defer; did you mean vars: dbt_defer "
+                    "(with an underscore)? Rename the key"
+                )
+    return None

@@ -167,6 +167,25 @@ def limit_for(cfg: Any, target_name: str, node: Any, target: Any) -> Optional[in
     return limit
 
 
+def bad_meta_limits(nodes: Iterable[Any]) -> Optional[str]:
+    """One line naming every node whose ``meta: dbt_defer: limit`` is not a valid limit (checked
+    at the start of a deferred run, like the vars, not only when a ref reads that node), or None."""
+    bad = []
+    for node in nodes:
+        meta = node_meta(node)
+        if "limit" in meta and not valid_limit(meta["limit"]):
+            where = getattr(node, "patch_path", None) or getattr(node, "original_file_path", None) or "?"
+            bad.append((node.unique_id, meta["limit"], str(where).split("://", 1)[-1]))
+    if not bad:
+        return None
+    bad.sort(key=lambda b: b[0])
+    uid, value, where = bad[0]
+    line = f"dbt-defer: meta dbt_defer.limit of {uid} is {value!r} ({where}); {LIMIT_RANGE}"
+    if len(bad) > 1:
+        line += f"; also bad in {', '.join(b[0] for b in bad[1:4])}" + (" and more" if len(bad) > 4 else "")
+    return line
+
+
 def profile_targets(config: Any, args: Any) -> Optional[List[str]]:
     """The targets (outputs) of the running profile in profiles.yml; None when unreadable."""
     try:
@@ -210,6 +229,18 @@ def limited_nodes(records: Iterable[Any]) -> Set[str]:
                 affected.add(node)
                 changed = True
     return affected
+
+
+def limited_tests_text(records: Iterable[Any]) -> str:
+    """The summary's tail naming the data tests that read row-limited parents in this run
+    (their own limited ref, or a dev model built from limited data), or ''."""
+    records = list(records)
+    affected = limited_nodes(records)
+    tests = sorted({r.node for r in records if r.is_test and (r.node in affected or r.ref in affected)})
+    if not tests:
+        return ""
+    shown = ", ".join(tests[:5]) + (f" and {len(tests) - 5} more" if len(tests) > 5 else "")
+    return f"; {len(tests)} data test{'s' if len(tests) != 1 else ''} read row-limited parents ({shown})"
 
 
 def failing_tests_line(records: Iterable[Any], failing: Iterable[str]) -> Optional[str]:

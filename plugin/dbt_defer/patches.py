@@ -68,8 +68,9 @@ def _run(self: Any) -> Any:
     global _ACTIVE
     original: Callable = _ORIGINALS["run"]
     if not _deferring(self):
+        _forget_stale_audit(self)
         return original(self)
-    from dbt_defer.session import DeferSession, config_for_task, end_refused
+    from dbt_defer.session import DeferSession, config_for_task, end_refused, say_notices
 
     cfg = None
     try:
@@ -79,6 +80,7 @@ def _run(self: Any) -> Any:
         end_refused(self, exc, cfg=cfg)  # the previous invocation's audit must not look current
         raise
     if session is None:
+        say_notices(cfg)  # a misspelled vars key or state variable is why nothing is configured
         return original(self)  # nothing configured anywhere: exactly dbt's behaviour and error
     with _ACTIVE_LOCK:
         previous, _ACTIVE = _ACTIVE, session
@@ -95,6 +97,18 @@ def _run(self: Any) -> Any:
         vars(self).pop("task_end_messages", None)
         if not getattr(session, "finished", False):
             _finish(session, error)
+
+
+def _forget_stale_audit(task: Any) -> None:
+    """Deferral off: a previous deferred run's audit in this target path would look like this
+    run's (dbt rewrites its own artifacts now), so it is removed. Only our own file; never an
+    error or a line (the plugin is otherwise inert with deferral off)."""
+    try:
+        from dbt_defer.audit import remove_stale
+
+        remove_stale(task)
+    except Exception:
+        pass
 
 
 def _finish_before_end_messages(task: Any, session: Any) -> None:

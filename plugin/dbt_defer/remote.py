@@ -50,6 +50,7 @@ from dbt_defer.state_cache import (
     cache_dir,
     cached_meta,
     current,
+    expose,
     fingerprint,
     new_version,
     now,
@@ -86,6 +87,7 @@ class FetchResult:
     fetched_at: Optional[str]
     run_results: bool
     message: Optional[str] = None  # the warning, when the cached copy was used instead
+    stable: Optional[str] = None  # the folder holding the version in use's manifest.json (dbt's --state)
 
 
 
@@ -134,9 +136,16 @@ def fetch(
         sink(spec.redact(message))
 
     try:
-        return _fetch(spec, target_path, force, say, project_name)
+        result = _fetch(spec, target_path, force, say, project_name)
     except ManifestError as exc:
         raise type(exc)(spec.redact(str(exc))) from None
+    root = cache_dir(target_path, spec.name)
+    try:
+        return replace(result, stable=expose(root))
+    except OSError as exc:  # the chain reads the version folder; only dbt's --state misses it
+        say(f"dbt-defer: environment '{spec.name}': could not place manifest.json in {root} for dbt's "
+            f"--state ({exc.strerror or exc}); make that folder writable and run dbt-defer fetch again")
+        return result
 
 
 def _fetch(
@@ -321,6 +330,22 @@ def _verify(env_name: str, incoming: str, shown: str, project_name: Optional[str
                 f"dbt-defer: environment '{env_name}': {shown} is a manifest of project {other}, not of "
                 f"{project_name!r}; the cached copy was kept; point the environment at this project's artifacts"
             )
+
+
+def fetched_form(spec: EnvironmentSpec) -> Optional[EnvironmentSpec]:
+    """The spec to fetch for an environment: a URI state as it is; a local folder that
+    ``dbt-defer publish`` wrote (it holds the pointer, ``latest.json``; or the pointer itself)
+    as its ``file://`` form, so it is read through the pointer into the cache exactly like that
+    form; None for any other local state (read where it is)."""
+    if spec.is_uri:
+        return spec
+    state = spec.state
+    if "\0" in state:
+        return None
+    folder = os.path.dirname(state) if os.path.basename(state) == POINTER else state
+    if not os.path.isfile(os.path.join(folder, POINTER)):
+        return None
+    return replace(spec, state="file://" + os.path.abspath(folder).replace(os.sep, "/"))
 
 
 def fetch_state(

@@ -23,7 +23,7 @@ from dbt_defer.config import DeferConfig, DeferConfigError, gc_paused, one_line
 from dbt_defer.events import log
 from dbt_defer.events import warn as _warn
 from dbt_defer.refs import RefResolution
-from dbt_defer.settings import load_config, overlay_settings
+from dbt_defer.settings import load_config, overlay_settings, vars_key_notice
 from dbt_defer.warehouse import ExistenceChecker
 
 
@@ -35,11 +35,19 @@ def settings_from(config: Any) -> Optional[Mapping[str, Any]]:
 
 def _load(config: Any, args: Any) -> DeferConfig:
     """The run's DeferConfig from dbt's project config and flags; DeferConfigError on bad input."""
+    project = (getattr(config, "vars", None) and config.vars.to_dict()) or {}
     return load_config(
-        settings_from(config), os.environ, config.project_root,
+        overlay_settings(project, getattr(config, "cli_vars", None)), os.environ, config.project_root,
         defer_state=_str(getattr(args, "defer_state", None)), state=_str(getattr(args, "state", None)),
         favor_state=bool(getattr(args, "favor_state", False)),
+        vars_notice=vars_key_notice(project, getattr(config, "cli_vars", None)),
     )
+
+
+def say_notices(cfg: DeferConfig) -> None:
+    """The configuration's did-you-mean lines (also when they leave nothing configured)."""
+    for notice in cfg.notices:
+        log(notice, EventLevel.WARN)
 
 
 def config_for_task(task: Any) -> DeferConfig:
@@ -107,8 +115,7 @@ class DeferSession:
         """
         from dbt.artifacts.schemas.manifest import WritableManifest
 
-        for notice in cfg.notices:
-            log(notice, EventLevel.WARN)
+        say_notices(cfg)
         target_name = str(task.config.target_name)
         own, specs = cfg.chain_for_target(target_name)
         if own is not None:
@@ -146,6 +153,9 @@ class DeferSession:
         from dbt.adapters.factory import get_adapter
 
         manifest = task.manifest
+        bad_limit = limits.bad_meta_limits(manifest.nodes.values())
+        if bad_limit:  # a bad setting stops the run at start, wherever it is written
+            raise DbtRuntimeError(bad_limit)
         self._queued = _queued_nodes(task)
         if self._queued is not None and not self.native:
             _align_dbt_selection(self._queued)
@@ -313,20 +323,21 @@ class DeferSession:
         saved = self._savings()
         document = audit.build_document(records, metadata=metadata, environments=self._described(), saved=saved)
         audit.write_for_run(task, document, _warn)
+        # only commands that run tests report them (compile/show only compile them)
+        ran_tests = audit.command_of(task) in ("test", "build")
         try:
-            # only commands that run tests report them (compile/show only compile them)
-            ran_tests = audit.command_of(task) in ("test", "build")
-            for test, envs in (audit.cross_environment_tests(records) if ran_tests else {}).items():
-                log(
-                    f"dbt-defer: {test} compares data across environments ({', '.join(envs)}); "
-                    "its result may not hold in any single environment",
-                    EventLevel.WARN,
-                )
+            crossed = audit.cross_environment_tests(records) if ran_tests else {}
+            for test, envs in crossed.items():
+                if not audit.cross_environment_ok(task.manifest.nodes.get(test)):
+                    log(audit.cross_environment_line(test, envs), EventLevel.WARN)
             if self.cfg.audit_table and records and not self.cfg.explain:
                 audit_table.append(task, document, self.environments, log)
         finally:
-            log(audit.summary_line(document["summary"], (r.limit for r in records), saved.measured_in,
-                                   audit.kinds_read(records)))
+            line = audit.summary_line(document["summary"], (r.limit for r in records), saved.measured_in,
+                                      audit.kinds_read(records))
+            if ran_tests:
+                line += limits.limited_tests_text(records)
+            log(line)
             line = limits.failing_tests_line(records, audit.tests_with_failures(task))
             if line:
                 log(line, EventLevel.WARN)
@@ -335,10 +346,17 @@ class DeferSession:
         return [e.describe() for e in self.environments]
 
     def _savings(self) -> audit.Savings:
-        """SPEC §5 not_built / saved_seconds; a failure is one warning, never the run's outcome."""
+        """SPEC §5 not_built / saved_seconds, reported only by commands that build (run, build,
+        seed, snapshot, clone; explain as the build): a test, compile or show run builds nothing,
+        and neither does a run whose every selected model, seed and snapshot the guard refused.
+        A failure is one warning, never the run's outcome."""
+        if not self._writes:
+            return audit.Savings()
         try:
             # dbt sets the selection when it executes; a run that selected nothing never merged
             selected = self._selected_now() if self.merged else frozenset()
+            if self.refused and audit.all_refused(self.task.manifest, selected, self.refused):
+                return audit.Savings()
             return audit.savings(
                 audit.upstream_not_selected(self.task.manifest, selected),
                 [(e.name, e.manifest.build_seconds if e.manifest.run_results_path else None)

@@ -32,7 +32,7 @@ from dbt_defer.config import (
     truthy,
     valid_limit,
 )
-from dbt_defer.env_names import check_name, unknown_name_notice
+from dbt_defer.env_names import check_name, misspelled_vars_key_notice, unknown_name_notice, unknown_variable_notice
 
 _ENV_STATE = re.compile(r"^DBT_DEFER_(?P<name>[A-Za-z0-9_]+?)_STATE$")
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -164,6 +164,11 @@ def _limits(raw: Any) -> Tuple[Tuple[str, Optional[int]], ...]:
         raise DeferConfigError(f"dbt-defer: {where} must map target names to row counts, e.g. {{dev: 1000}}")
     out = []
     for target, value in raw.items():
+        if isinstance(value, str) and value.strip().isdigit():
+            raise DeferConfigError(
+                f"dbt-defer: {where} for target {target!r} is the string {value!r}; write {value.strip()} "
+                f"without quotes (settings take their YAML type; {LIMIT_RANGE})"
+            )
         if not valid_limit(value):
             raise DeferConfigError(
                 f"dbt-defer: {where} for target {target!r} is {value!r}; {LIMIT_RANGE}"
@@ -172,10 +177,18 @@ def _limits(raw: Any) -> Tuple[Tuple[str, Optional[int]], ...]:
     return tuple(out)
 
 
+# One rule for every value of vars: dbt_defer: it has its YAML type. true/false and numbers are
+# written unquoted (a quoted "yes" or "1000" is refused, with the unquoted form as the fix), and
+# never_defer is a list even for one selector.
+
+
 def _bool(settings: Mapping[str, Any], key: str) -> bool:
     value = settings.get(key, False)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return truthy(value)
+        raise DeferConfigError(
+            f"dbt-defer: {_where(key)} is the string {value!r}; write {str(truthy(value)).lower()} "
+            "without quotes (settings take their YAML type, as limits do)"
+        )
     if not isinstance(value, bool):
         raise DeferConfigError(f"dbt-defer: {_where(key)} is {value!r}; use true or false")
     return value
@@ -185,7 +198,10 @@ def _never_defer(raw: Any) -> Tuple[str, ...]:
     if raw is None:
         return ()
     if isinstance(raw, str):
-        raw = [raw]
+        raise DeferConfigError(
+            f"dbt-defer: {_where('never_defer')} is the string {raw!r}; it must be a list of dbt selectors: "
+            f"never_defer: [{raw.strip()!r}]".replace("'", '"')
+        )
     if not isinstance(raw, (list, tuple)) or not all(isinstance(s, str) and s.strip() for s in raw):
         raise DeferConfigError(
             f"dbt-defer: {_where('never_defer')} must be a list of dbt selectors, e.g. [\"tag:pii\"]"
@@ -196,6 +212,11 @@ def _never_defer(raw: Any) -> Tuple[str, ...]:
 def _max_age(raw: Any) -> float:
     if raw is None:
         return DEFAULT_MAX_AGE_HOURS
+    if isinstance(raw, str) and raw.strip().replace(".", "", 1).isdigit():
+        raise DeferConfigError(
+            f"dbt-defer: {_where('max_age_hours')} is the string {raw!r}; write {raw.strip()} without quotes "
+            "(settings take their YAML type)"
+        )
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not raw > 0:  # NaN is not > 0
         raise DeferConfigError(f"dbt-defer: {_where('max_age_hours')} is {raw!r}; use a positive number of hours")
     try:
@@ -214,6 +235,11 @@ def _compile_as(environ: Mapping[str, str]) -> str:
             f"dbt-defer: DBT_DEFER_COMPILE_AS is {value!r}; use 'compile' (default) or 'build'"
         )
     return value
+
+
+def vars_key_notice(project_vars: Any, cli_vars: Any) -> Optional[str]:
+    """The did-you-mean line for ``vars: dbt-defer`` (a near miss of ``dbt_defer``), or None."""
+    return misspelled_vars_key_notice(project_vars, cli_vars)
 
 
 def overlay_settings(project_vars: Any, cli_vars: Any) -> Optional[Mapping[str, Any]]:
@@ -236,8 +262,10 @@ def load_config(
     defer_state: Optional[str] = None,
     state: Optional[str] = None,
     favor_state: bool = False,
+    vars_notice: Optional[str] = None,
 ) -> DeferConfig:
-    """Build the one frozen configuration object. Raises DeferConfigError on bad input."""
+    """Build the one frozen configuration object. Raises DeferConfigError on bad input.
+    ``vars_notice``: ``vars_key_notice``'s line, kept with the other notices."""
     if settings is None:
         settings = {}
     if not isinstance(settings, Mapping):
@@ -255,8 +283,12 @@ def load_config(
     envs = _environments_from_vars(settings.get("environments"), project_root)
     by_name = {e[0]: e for e in envs}
     extra = []
-    notices = []
+    notices = [vars_notice] if vars_notice else []
     from_env = _env_var_states(environ)
+    for key in sorted(environ):
+        notice = unknown_variable_notice(key)
+        if notice:
+            notices.append(notice)
     for name, (key, value) in sorted(from_env.items()):
         if name in by_name:
             by_name[name][1], by_name[name][2] = value, key

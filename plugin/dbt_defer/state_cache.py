@@ -4,6 +4,9 @@ Layout: version folders ``v-<time>-<random>/`` (each a verified manifest.json + 
 never modified once named) and ``fetch.json``, the one pointer naming the version in use (with
 where it came from, redacted, and the remote fingerprint), replaced by one atomic rename: a
 reader, or a fetch killed at any moment, sees the old pair or the new pair, never a mix.
+Beside them, ``manifest.json`` and ``run_results.json`` of the version in use (``expose``): the
+stable folder dbt's own ``--state`` reads for ``state:modified`` in slim CI; each is replaced by
+one rename (a hard link to the version's file, else a copy), run results first.
 Scratch folders of killed fetches are swept by the next fetch; the previous version is kept for
 readers still on it. Owns the layout, the fingerprints that say "unchanged", sweeping, pruning
 and the age of a cached copy. May not touch: the network (``store``), deciding when to fetch
@@ -16,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
@@ -137,14 +141,54 @@ def sweep(root: str) -> None:
 
 def prune(root: str, keep: Tuple[str, ...]) -> None:
     """Version folders other than ``keep`` (the current one and the one before it, which a
-    reader may still be reading), and the files of the layout before versions."""
+    reader may still be reading)."""
     try:
         names = os.listdir(root)
     except OSError:
         return
     for name in names:
-        if (_VERSION.match(name) and name not in keep) or name in (MANIFEST, RUN_RESULTS):
+        if _VERSION.match(name) and name not in keep:
             remove(os.path.join(root, name))
+
+
+def expose(root: str) -> Optional[str]:
+    """Make ``root/manifest.json`` (+ ``run_results.json``) the files of the version ``fetch.json``
+    names, so ``dbt ... --state <root>`` reads the version in use; returns ``root`` (None: no
+    usable copy). Each file is replaced by one rename, run results first (a run results of
+    another version never sits beside the new manifest afterwards; none when the version has
+    none). Files already the version's own (same inode) are left alone."""
+    meta, folder = current(root)
+    if meta is None or folder is None:
+        return None
+    if folder == root:
+        return root  # the layout before versions: the files are the copy itself
+    sweep(root)  # a link a killed fetch left half-placed
+    for name in (RUN_RESULTS, MANIFEST):
+        source, stable = os.path.join(folder, name), os.path.join(root, name)
+        if not os.path.isfile(source):
+            remove(stable)
+            continue
+        try:
+            if os.path.samefile(source, stable):
+                continue
+        except OSError:
+            pass
+        _link_atomically(source, stable)
+    return root
+
+
+def _link_atomically(source: str, path: str) -> None:
+    folder = os.path.dirname(path)
+    tmp = os.path.join(folder, f"{META_SCRATCH}{os.getpid()}-{os.urandom(6).hex()}.json")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # a file system without hard links: a copy
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 def write_meta(root: str, meta: Dict[str, Any]) -> None:

@@ -85,6 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("dbt-defer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # dbt-defer explain ... | head: the reader has what it wanted
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a command its pipe closed
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in ("dbt", "dbt_common", "dbt_adapters", "agate"):
             return _unexpected(exc)
@@ -108,3 +111,13 @@ def _unexpected(exc: Exception) -> int:
         sys.stderr,
     )
     return 1
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit does not print
+    'Exception ignored ... BrokenPipeError' after the pipe's reader is gone."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (captured in tests)
+        pass

@@ -23,7 +23,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from dbt_defer.config import DeferConfig, DeferConfigError, EnvironmentSpec, one_line, truthy
-from dbt_defer.settings import load_config, overlay_settings
+from dbt_defer.settings import load_config, overlay_settings, vars_key_notice
 
 AUDIT_FILE = "dbt_defer_audit.json"
 
@@ -60,6 +60,7 @@ class ProjectContext:
                 defer_state=args.defer_state or environ.get("DBT_DEFER_STATE") or None,
                 state=args.state or environ.get("DBT_STATE") or None,
                 favor_state=bool(getattr(args, "favor_state", False)) or truthy(environ.get("DBT_FAVOR_STATE")),
+                vars_notice=vars_key_notice(self.project.get("vars"), self.cli_vars),
             )
         except DeferConfigError as exc:
             raise CliError(str(exc), 2) from None

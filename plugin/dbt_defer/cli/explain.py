@@ -14,8 +14,9 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from dbt_defer.cli.common import (
     AUDIT_FILE,
@@ -97,8 +98,10 @@ def _seed_scratch(ctx: ProjectContext, scratch: str) -> None:
         shutil.copytree(cache, os.path.join(scratch, state_cache.CACHE_DIR))
 
 
-def _compile_argv(ctx: ProjectContext, args: argparse.Namespace, scratch: str) -> List[str]:
-    """dbt compile's arguments: the user's project options and selection, our scratch paths."""
+def _compile_argv(ctx: ProjectContext, args: argparse.Namespace, scratch: str,
+                  left_out: Sequence[str] = ()) -> List[str]:
+    """dbt compile's arguments: the user's project options and selection, our scratch paths;
+    ``left_out``: names of tests that did not compile, excluded too."""
     argv = [
         "compile",
         "--project-dir", ctx.root,
@@ -111,7 +114,7 @@ def _compile_argv(ctx: ProjectContext, args: argparse.Namespace, scratch: str) -
     for flag, value in (("--profiles-dir", args.profiles_dir), ("--target", args.target)):
         if value:
             argv += [flag, value]
-    for flag, values in (("--select", args.select), ("--exclude", args.exclude)):
+    for flag, values in (("--select", args.select), ("--exclude", [*(args.exclude or []), *left_out])):
         if values:
             argv += [flag, *values]
     for flag, value in (("--selector", args.selector), ("--vars", args.vars), ("--state", args.state),
@@ -125,9 +128,18 @@ def _compile_argv(ctx: ProjectContext, args: argparse.Namespace, scratch: str) -
     return argv
 
 
+MAX_NOT_COMPILED = 10  # tests left out and compiled again without; beyond: the error line
+
+
 def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Tuple[Dict[str, Any], Optional[str]]:
     """Compile the selection with deferral on into a scratch target path; return the audit and
-    the summary line the deferred compile logged (the same line a deferred run ends with)."""
+    the summary line the deferred compile logged (the same line a deferred run ends with).
+
+    dbt's compile stops at the first node that fails. A data or unit test that raises at compile
+    time (e.g. it reads the columns of a model not built in dev yet; dbt build compiles it after
+    the model) is a leaf: it is left out and the selection compiled again, so the table keeps
+    every other row, and the document's ``not_compiled`` names it ({node, error}). Any other
+    failure (a model, the write guard) is the one error line, as before."""
     from dbt.cli.main import dbtRunner
 
     if not ctx.cfg.configured:
@@ -137,19 +149,39 @@ def run_explain(ctx: ProjectContext, args: argparse.Namespace) -> Tuple[Dict[str
             2,
         )
     scratch = tempfile.mkdtemp(prefix="dbt-defer-explain-")
-    events: List[Tuple[str, str, str]] = []
-
-    def collect(event: Any) -> None:
-        info = event.info
-        events.append((info.name, str(info.level), info.msg or ""))
-
+    not_compiled: Dict[str, str] = {}  # test unique_id -> its error, left out of the next compile
     try:
         _seed_scratch(ctx, scratch)
-        argv = _compile_argv(ctx, args, scratch)
-        # DBT_DEFER_EXPLAIN: this compile writes nothing in the warehouse (no audit table)
-        with _env({"DBT_DEFER": "1", "DBT_DEFER_COMPILE_AS": args.as_command, "DBT_DEFER_EXPLAIN": "1"}):
-            result = dbtRunner(callbacks=[collect]).invoke(argv)
-        return _read_outcome(result, events, os.path.join(scratch, AUDIT_FILE))
+        while True:
+            events: List[Tuple[str, str, str]] = []
+            failed: Dict[str, str] = {}
+
+            def collect(event: Any) -> None:
+                info = event.info
+                events.append((info.name, str(info.level), info.msg or ""))
+                if info.name == "NodeFinished":
+                    node_info = getattr(event.data, "node_info", None)
+                    if node_info is not None and node_info.node_status == "error":
+                        message = getattr(getattr(event.data, "run_result", None), "message", "") or ""
+                        failed[node_info.unique_id] = one_line(message, limit=300)
+
+            argv = _compile_argv(ctx, args, scratch, [uid.split(".")[2] for uid in not_compiled])
+            # DBT_DEFER_EXPLAIN: this compile writes nothing in the warehouse (no audit table)
+            with _env({"DBT_DEFER": "1", "DBT_DEFER_COMPILE_AS": args.as_command, "DBT_DEFER_EXPLAIN": "1"}):
+                result = dbtRunner(callbacks=[collect]).invoke(argv)
+            leaves = {u: m for u, m in failed.items() if u.startswith(("test.", "unit_test.")) and u not in not_compiled}
+            if result.success or not leaves or len(failed) != len(leaves) or len(not_compiled) >= MAX_NOT_COMPILED:
+                break
+            not_compiled.update(leaves)
+        try:
+            document, line = _read_outcome(result, events, os.path.join(scratch, AUDIT_FILE))
+        except CliError as exc:
+            if not_compiled and "matched no node" in str(exc):  # only the tests were selected
+                first = next(iter(not_compiled.items()))
+                raise CliError(f"dbt-defer: explain: {short_id(first[0], ctx.name)} did not compile ({first[1]})")
+            raise
+        document["not_compiled"] = [{"node": u, "error": m} for u, m in sorted(not_compiled.items())]
+        return document, line
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -197,6 +229,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     ctx = ProjectContext(args)
     document, line = run_explain(ctx, args)
+    not_compiled = document.get("not_compiled", [])
+    code = 0  # the table stands; a test that did not compile is named on stderr
     if args.output == "json":
         print_json(
             {
@@ -204,10 +238,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 "select": args.select or [],
                 "environments": document.get("environments", []),
                 "resolutions": document.get("resolutions", []),
+                "not_compiled": not_compiled,
                 "summary": document.get("summary", {}),
             }
         )
-        return 0
+        _say_not_compiled(ctx, not_compiled)
+        return code
     records = document.get("resolutions", [])
     if not records:
         print("dbt-defer: the selected nodes contain no ref()")
@@ -225,4 +261,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
         say(f"note: {short_id(ref, ctx.name)} is read from {env}, whose copy differs from yours; select it too")
     say("(ids shortened as dbt's own output does; --output json has them in full)")
     say(line or audit.summary_line(document.get("summary", {}), (r.get("limit") for r in records)))
-    return 0
+    _say_not_compiled(ctx, not_compiled)
+    return code
+
+
+def _say_not_compiled(ctx: ProjectContext, not_compiled: List[Dict[str, str]]) -> None:
+    """One line per node that did not compile: its refs are missing from the table."""
+    for failed in not_compiled:
+        say(
+            f"dbt-defer: explain: {short_id(failed['node'], ctx.name)} did not compile, so its refs are not in "
+            f"the table ({failed['error']}); dbt build compiles it after building its parents, where it may pass",
+            sys.stderr,
+        )

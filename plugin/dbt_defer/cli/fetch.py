@@ -7,6 +7,7 @@ how a manifest is loaded and checked (``chain``/``manifests``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Dict, List
 
@@ -26,7 +27,9 @@ from dbt_defer.config import EnvironmentSpec
 EPILOG = """\
 Copies each remote environment's manifest.json (and run_results.json when present) into
 <target path>/dbt_defer_state/<env>/ and verifies it is a dbt manifest of this project that
-this dbt can read. Unchanged remote files (same ETag, or modification time and size) are not
+this dbt can read. That folder then holds the fetched manifest.json: point dbt's --state at it
+for state:modified (slim CI), e.g. --state target/dbt_defer_state/prod. A local folder written
+by dbt-defer publish (holding latest.json) is read through its pointer, like its file:// form. Unchanged remote files (same ETag, or modification time and size) are not
 downloaded again. dbt runs with DBT_DEFER=1 fetch on their own; use this to refresh ahead of
 time, or in CI to fail fast. If a remote is unreachable, the cached copy is kept and its age
 is shown. URIs: file://, http(s):// (pip install "dbt-defer[http]"),
@@ -56,21 +59,26 @@ def _fetch_one(ctx: ProjectContext, spec: EnvironmentSpec, force: bool, row: Dic
     from dbt_defer import pointer, remote
     from dbt_defer.manifests import ManifestError
 
-    if spec.is_uri:
+    fetched = remote.fetched_form(spec)  # a URI, or a local folder dbt-defer publish wrote
+    if fetched is not None:
         try:
-            result = remote.fetch(spec, ctx.target_path, force=force, warn=warn, project_name=ctx.name)
+            result = remote.fetch(fetched, ctx.target_path, force=force, warn=warn, project_name=ctx.name)
         except ManifestError as exc:
             raise CliError(spec.redact(str(exc))) from None
         row.update(action=result.action, local=result.local, fetched_at=result.fetched_at,
-                   run_results=result.run_results, published=pointer.published_version(result.uri))
+                   run_results=result.run_results, published=pointer.published_version(result.uri),
+                   state_folder=result.stable)
     else:
-        row.update(action="local (nothing to fetch)", local=spec.state)
+        folder = spec.state if os.path.isdir(spec.state) else os.path.dirname(spec.state)
+        row.update(action="local (nothing to fetch)", local=spec.state, state_folder=folder)
     manifest, _ = load_env(ctx, spec, local=row["local"])
     row.update(generated_at=manifest.generated_at, run_results=manifest.run_results_path is not None, ok=True)
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     ctx = ProjectContext(args)
+    for notice in ctx.cfg.notices:
+        say(notice, sys.stderr)
     if not ctx.cfg.configured:
         raise CliError(
             "dbt-defer: no environment is configured; add vars: dbt_defer: environments to dbt_project.yml "
@@ -97,6 +105,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             "ok": False,
             "problem": None,
             "published": None,
+            "state_folder": None,  # holds the manifest.json in use: what dbt's --state points at
         }
         try:
             _fetch_one(ctx, spec, args.force, row)
@@ -108,7 +117,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         print_json({"target_path": ctx.target_path, "environments": rows})
     else:
         print_table(
-            ["name", "source", "action", "published version", "cached in", "generated_at", "run_results",
+            ["name", "source", "action", "published version", "--state folder", "generated_at", "run_results",
              "verified"],
             [
                 [
@@ -116,7 +125,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                     ctx.display(r["state"]),
                     r["action"] or "failed",
                     (r["published"] or {}).get("version"),
-                    ctx.display(r["local"]) if r["local"] and "://" in r["state"] else None,
+                    ctx.display(r["state_folder"]) if r["state_folder"] else None,
                     r["generated_at"],
                     None if r["run_results"] is None else ("yes" if r["run_results"] else "no"),
                     "ok" if r["ok"] else "FAILED",

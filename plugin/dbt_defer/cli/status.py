@@ -31,8 +31,9 @@ from dbt_defer.guard import SHIM
 EPILOG = """\
 Lists the deferral chain after dev (highest priority first): each environment's state
 location, who configured it (vars or an environment variable), the manifest's generated_at,
-its age, the dbt version that wrote it, its node count, and whether it is older than
-max_age_hours (stale). Remote (URI) states are fetched into the cache first.
+its age, the dbt version that wrote it, its node count, whether a run_results.json lies beside
+it (without one, nodes that failed there are not skipped and no build time is known), and
+whether it is older than max_age_hours (stale). Remote (URI) states are fetched into the cache first.
 Exit 1 when an environment is unusable (missing, not a manifest, another project, a schema
 this dbt cannot read) or none is configured.
 
@@ -63,6 +64,7 @@ def _environment_row(ctx: ProjectContext, spec: EnvironmentSpec, problems: List[
         "age_hours": None,
         "dbt_version": None,
         "nodes": None,
+        "run_results": None,  # a run_results.json beside the manifest (without one, failed nodes there are not known)
         "stale": None,
         "usable": False,
         "problem": None,
@@ -82,6 +84,7 @@ def _environment_row(ctx: ProjectContext, spec: EnvironmentSpec, problems: List[
         age_hours=None if age is None else round(age, 2),
         dbt_version=manifest.dbt_version,
         nodes=manifest.node_count,
+        run_results=manifest.run_results_path is not None,
         # dated in the future (beyond clock skew): its age cannot be judged, so not fresh either
         stale=bool(age is not None and age > ctx.cfg.max_age_hours) or manifest.ahead_hours() is not None,
         usable=True,
@@ -122,6 +125,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json(document)
     elif envs:
         _print_text(ctx, envs, applies, limit, shim)
+    for notice in cfg.notices:
+        say(notice, sys.stderr)
     if not envs:
         print(
             "dbt-defer: no environment is configured; add vars: dbt_defer: environments to dbt_project.yml, "
@@ -131,8 +136,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     if limits_warning:
         print(limits_warning, file=sys.stderr)
-    for notice in cfg.notices:
-        say(notice, sys.stderr)
     for problem in problems:
         say(problem, sys.stderr)
     return 1 if problems else 0
@@ -153,6 +156,7 @@ def _print_text(ctx: ProjectContext, envs: List[Dict[str, Any]], applies: bool, 
                 age_text(e["age_hours"]),
                 e["dbt_version"],
                 e["nodes"],
+                None if e["run_results"] is None else ("yes" if e["run_results"] else "no"),
                 stale,
                 _published_text(e["published"]),
                 "ok" if e["usable"] else "UNUSABLE",
@@ -170,7 +174,7 @@ def _print_text(ctx: ProjectContext, envs: List[Dict[str, Any]], applies: bool, 
         say(f"dbt-defer chain for project {ctx.name!r}: target {target!r} builds environment "
             f"{own.name!r}, the last of the chain, so its runs are plain dbt (no deferral):")
     print_table(
-        ["name", "source", "configured by", "generated_at", "age", "dbt version", "nodes", "stale",
+        ["name", "source", "configured by", "generated_at", "age", "dbt version", "nodes", "run_results", "stale",
          "published (invocation, age)", "usable"],
         rows,
     )
@@ -215,11 +219,12 @@ def shim_file(ctx: ProjectContext) -> Optional[str]:
 
 def _published(ctx: ProjectContext, spec: EnvironmentSpec) -> Optional[Dict[str, Any]]:
     """The publish pointer a URI environment's state was read through (dbt-defer publish), if any."""
-    if not spec.is_uri:
-        return None
     from datetime import datetime, timezone
 
-    from dbt_defer import pointer, state_cache
+    from dbt_defer import pointer, remote, state_cache
+
+    if remote.fetched_form(spec) is None:
+        return None
     from dbt_defer.manifests import parse_timestamp
 
     published = pointer.published_version(str((state_cache.cached_meta(ctx.target_path, spec.name) or {}).get("uri") or ""))

@@ -18,6 +18,8 @@ import textwrap
 import pytest
 from dbt.version import __version__ as dbt_version
 
+from dbt_defer.testing.files import write_double_it
+
 from conftest import built_environments
 from dbt_harness import make_project
 from test_chain_rules import CHAIN, PROJECT, count, dbt, execute, fresh, rel  # noqa: F401 (fixture)
@@ -191,14 +193,7 @@ def test_functions_are_deferred_through_the_chain(envs, tmp_path):
         pytest.skip("dbt-duckdb has no function support")
     p = make_project(tmp_path, envs.adapter)
     try:
-        p.write("functions/double_it.sql", "SELECT value * 2\n")
-        p.write("functions/double_it.yml", textwrap.dedent("""
-            functions:
-              - name: double_it
-                arguments:
-                  - {name: value, data_type: float}
-                returns: {data_type: float}
-        """))
+        write_double_it(p, "float")
         p.write("models/fn/double_it_model.sql", "select {{ function('double_it') }}(1) as doubled\n")
         built_environments(p)
         dbt(p, "run", "-s", "double_it_model")

@@ -17,11 +17,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from dbt.version import __version__ as dbt_version
+
+from dbt_defer.testing.files import write_double_it
 
 from conftest import built_environments
 from dbt_harness import make_project
@@ -257,18 +258,11 @@ def test_a_function_prod_records_is_not_replaced(envs, tmp_path):
         pytest.skip("dbt-duckdb has no function support")
     p = make_project(tmp_path, envs.adapter)
     try:
-        p.write("functions/double_it.sql", "SELECT value * 2\n")
-        p.write("functions/double_it.yml", textwrap.dedent("""
-            functions:
-              - name: double_it
-                arguments:
-                  - {name: value, data_type: integer}
-                returns: {data_type: integer}
-        """))
+        write_double_it(p, "integer")
         built_environments(p)
         call = f'select "{p.schema("prod")}".double_it(21)'
         assert p.query(call) == [(42,)]
-        p.write("functions/double_it.sql", "SELECT value * 3\n")
+        write_double_it(p, "integer", "SELECT value * 3")
         with dev_pointed_at_prod(p):
             res = p.dbt("build", "-s", "double_it", env=CHAIN, expect=False)
         assert statuses(res) == {"double_it": "error"}, statuses(res)

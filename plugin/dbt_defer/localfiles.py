@@ -8,11 +8,21 @@ of writers that were killed (named with their process id). Used by the audit fil
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import time
 from typing import Callable, List, Optional
+
+
+def sha256_of(path: str) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def pid_alive(pid: int) -> bool:

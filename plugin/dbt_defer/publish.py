@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import msgspec
 
 from dbt_defer.config import redact, uri_secrets
+from dbt_defer.localfiles import sha256_of
 from dbt_defer.manifests import (
     BAD_STATUSES,
     MANIFEST,
@@ -245,14 +246,6 @@ class Published:
     already: bool = False  # the pointer named this invocation already: nothing uploaded
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shown(uri: str) -> str:
     """A URI as it may be printed: no user, password or query string (they may hold secrets)."""
     return redact(uri, uri_secrets(uri))
@@ -441,7 +434,7 @@ def _upload(fs: Any, root: str, where: str, name: str, artifacts: Artifacts) -> 
                 size, digest = len(data), hashlib.sha256(data).hexdigest()
             else:
                 fs.put_file(local, f"{folder}/{filename}")
-                size, digest = os.path.getsize(local), _sha256(local)
+                size, digest = os.path.getsize(local), sha256_of(local)
             try:
                 fs.invalidate_cache(f"{folder}/{filename}")
             except Exception:

@@ -33,7 +33,6 @@ Credentials and query strings of a state URI never leave this module unredacted 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -42,6 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from dbt_defer.config import EnvironmentSpec, redact
+from dbt_defer.localfiles import sha256_of
 from dbt_defer.manifests import MANIFEST, RUN_RESULTS, ManifestError, load_manifest, project_id_for
 from dbt_defer.pointer import POINTER, PUBLISHED_VERSIONS, PointerError, pointer_root, published_version, read_pointer
 from dbt_defer.state_cache import (
@@ -276,20 +276,12 @@ def published_files(doc: Optional[Dict[str, Any]]) -> Dict[str, str]:
     return {name: entry["sha256"] for name, entry in files.items() if name in (MANIFEST, RUN_RESULTS)}
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_published(env_name: str, incoming: str, shown: str, listed: Dict[str, str]) -> None:
     """Each downloaded file the pointer lists has the sha256 the publisher recorded; anything
     else (a file changed or truncated after publishing) is one line, and the cache is kept."""
     for name, expected in sorted(listed.items()):
         local = os.path.join(incoming, name)
-        if os.path.isfile(local) and _sha256(local) != expected:
+        if os.path.isfile(local) and sha256_of(local) != expected:
             raise ManifestError(
                 f"dbt-defer: environment '{env_name}': {sibling(shown, name)} does not match the sha256 its "
                 f"{POINTER} lists (changed after it was published); the cached copy was kept; publish that "

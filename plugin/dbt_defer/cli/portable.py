@@ -7,8 +7,9 @@ Owns the two parsers and their output; the work is ``portable.state`` and ``port
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from dbt_defer.cli.common import CliError, Formatter
 from dbt_defer.portable.engine import ENGINE_VAR, EngineError, executable
@@ -17,7 +18,7 @@ from dbt_defer.portable.state import StateError, compute
 
 STATE_EPILOG = f"""\
 Computes, before any dbt starts, where every node of the project would be read from (the chain:
-dev -> staging -> prod, SPEC §4) and writes one merged deferral manifest: DIR/manifest.json,
+dev -> staging -> prod) and writes one merged deferral manifest: DIR/manifest.json,
 whose nodes carry the chosen environment's relation, plus DIR/dbt_defer_state.json (per node:
 environment, reason). The last line printed is DIR. Then, on dbt Core v2 (or dbt 1.x without
 the plugin):
@@ -83,22 +84,29 @@ def _warn(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def cmd_state(args: Any) -> int:
-    from dbt_defer.portable.engine import Engine
-
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """The portable mode's errors as CLI errors: one line each, with its exit code."""
     try:
-        ctx = PortableContext(project_dir=args.project_dir, profiles_dir=args.profiles_dir, target=args.target,
-                              vars=args.vars, target_path=args.target_path, favor_state=args.favor_state)
-        engine = Engine(executable(), ctx.root, profiles_dir=args.profiles_dir, target=args.target, vars=args.vars)
-        result = compute(ctx, engine, select=args.select, exclude=args.exclude, selector=args.selector,
-                         builds=args.as_command == "build", store_failures=args.store_failures,
-                         out=args.out, warn=_warn)
+        yield
     except ProjectError as exc:
         raise CliError(str(exc), 2) from None
     except StateError as exc:
         raise CliError(str(exc), exc.code) from None
     except EngineError as exc:
         raise CliError(str(exc), 1) from None
+
+
+def cmd_state(args: Any) -> int:
+    from dbt_defer.portable.engine import Engine
+
+    with _one_line_errors():
+        ctx = PortableContext(project_dir=args.project_dir, profiles_dir=args.profiles_dir, target=args.target,
+                              vars=args.vars, target_path=args.target_path, favor_state=args.favor_state)
+        engine = Engine(executable(), ctx.root, profiles_dir=args.profiles_dir, target=args.target, vars=args.vars)
+        result = compute(ctx, engine, select=args.select, exclude=args.exclude, selector=args.selector,
+                         builds=args.as_command == "build", store_failures=args.store_failures,
+                         out=args.out, warn=_warn)
     counts: dict = {}
     for choice in result.choices.values():
         counts[choice.env] = counts.get(choice.env, 0) + 1
@@ -110,11 +118,5 @@ def cmd_state(args: Any) -> int:
 def cmd_run(args: Any) -> int:
     from dbt_defer.portable.run import run
 
-    try:
+    with _one_line_errors():
         return run(args.dbt_args, _warn, print)
-    except ProjectError as exc:
-        raise CliError(str(exc), 2) from None
-    except StateError as exc:
-        raise CliError(str(exc), exc.code) from None
-    except EngineError as exc:
-        raise CliError(str(exc), 1) from None

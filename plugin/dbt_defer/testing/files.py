@@ -128,6 +128,16 @@ models:
 }
 
 
+def write_double_it(project: Any, data_type: str, body: str = "SELECT value * 2") -> None:
+    """The SQL function ``double_it(value)`` (dbt >= 1.11) in a project folder (``.write(rel, text)``)."""
+    project.write("functions/double_it.sql", body + "\n")
+    project.write(
+        "functions/double_it.yml",
+        "functions:\n  - name: double_it\n    arguments:\n"
+        f"      - {{name: value, data_type: {data_type}}}\n    returns: {{data_type: {data_type}}}\n",
+    )
+
+
 def dbt_defer_meta(kind: str, name: str, settings: str) -> str:
     """A properties file giving one node of ``kind`` (models, seeds, snapshots) its
     ``meta: {dbt_defer: <settings>}``, e.g. ``dbt_defer_meta("seeds", "raw_customers", "{limit: null}")``."""

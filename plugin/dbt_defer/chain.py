@@ -101,6 +101,23 @@ def chain_choice(environments: Sequence[Environment], unique_id: str,
     return env, places
 
 
+def first_serving(environments: Sequence[Environment], unique_id: str,
+                  exists: Callable[[Location], bool]) -> Optional[Environment]:
+    """``chain_choice(...)[0]`` without the lines of the places looked at: the same checks
+    as ``Environment.candidate`` in the same order, no Candidate nor message built (the merge
+    asks this of every node of the project; bench 3b)."""
+    for env in environments:
+        manifest = env.manifest
+        node = manifest.nodes.get(unique_id)
+        if node is None or node.materialized == "ephemeral" or unique_id in manifest.unusable:
+            continue
+        if manifest.bad_status.get(unique_id):
+            continue
+        if exists((node.database, node.schema, node.identifier)):
+            return env
+    return None
+
+
 # --- locate, fetch, load, validate -------------------------------------------------------------
 
 

@@ -22,7 +22,8 @@ import msgspec
 
 from dbt_defer.artifact_schema import DECODE_CONFIG, DECODE_MANIFEST, DECODE_METADATA_ONLY, DECODE_RESULTS
 from dbt_defer.config import gc_paused, one_line
-from dbt_defer.untrusted import MANIFEST, ManifestError, limit_bytes, read_bounded, reject_nul, unusable_reason
+from dbt_defer.untrusted import (MANIFEST, ManifestError, limit_bytes, read_bounded, reject_nul, unsafe_name,
+                                 unusable_reason)
 
 RUN_RESULTS = "run_results.json"
 REFABLE = frozenset({"model", "seed", "snapshot"})
@@ -257,6 +258,7 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
     nodes: Dict[str, EnvNode] = {}
     unusable: Dict[str, str] = {}
     relations: Dict[Tuple[Optional[str], Optional[str], str], str] = {}
+    safe_schemas: Dict[Tuple[Optional[str], Optional[str]], bool] = {}
     for uid, n in (parsed.sources or {}).items():
         relations.setdefault((n.database, n.schema, n.identifier or n.name), uid)
     for uid, n in parsed.nodes.items():
@@ -272,11 +274,17 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
             continue
         if config.materialized != "ephemeral":
             relations[(n.database, n.schema, n.alias or n.name)] = uid
-            line = unusable_reason(
-                path, uid, {"database": n.database, "schema": n.schema, "identifier": n.alias or n.name}
-            )
-            if line:
-                unusable[uid] = line
+            # the names checked as unusable_reason does, a (database, schema) once (few per manifest)
+            names_ok = safe_schemas.get((n.database, n.schema))
+            if names_ok is None:
+                names_ok = safe_schemas[(n.database, n.schema)] = (
+                    unsafe_name(n.database) is None and unsafe_name(n.schema) is None)
+            if not names_ok or unsafe_name(n.alias or n.name) is not None:
+                line = unusable_reason(
+                    path, uid, {"database": n.database, "schema": n.schema, "identifier": n.alias or n.name}
+                )
+                if line:
+                    unusable[uid] = line
         nodes[uid] = EnvNode(
             unique_id=uid,
             resource_type=n.resource_type,

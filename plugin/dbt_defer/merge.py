@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
 
 from dbt_defer.artifact_schema import DECODE_ANY
-from dbt_defer.chain import Environment, Location, chain_choice
+from dbt_defer.chain import Environment, Location, first_serving
 from dbt_defer.manifests import EnvNode
 
 Warn = Callable[[str], None]
@@ -31,7 +31,7 @@ def assign_deferral(manifest: Any, environments: Sequence[Environment], restrict
         if node.resource_type not in ("model", "seed", "snapshot") or node.is_ephemeral_model:
             continue
         defer_relation = None
-        env = None if uid in restricted else chain_choice(environments, uid, exists)[0]
+        env = None if uid in restricted else first_serving(environments, uid, exists)
         if env is not None:
             defer_relation = deferred_record(node, env.manifest.nodes[uid])
             chosen[uid] = env.name

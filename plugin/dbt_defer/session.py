@@ -196,7 +196,7 @@ class DeferSession:
         descendants are skipped by dbt); in native mode this only warns. ``suspects``: chain
         environments whose manifests record this target's own relations: said once, at start,
         or by each refusal they cause."""
-        from dbt.task.test import TestTask
+        TestTask = guard.loaded_class("dbt.task.test", "TestTask")  # not imported: not a test task
 
         if not (self._writes or isinstance(task, TestTask)):
             self._say_suspects(suspects)

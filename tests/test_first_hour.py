@@ -96,13 +96,18 @@ def test_commands_that_run_no_tests_do_not_warn_about_them(proj):
     assert flagged == {REL_TEST}
 
 
-def test_a_build_against_a_dev_manifest_given_as_prod_says_why_it_is_refused(proj):
+def run_against_own_manifest_as_prod(proj):
+    """`dbt run -s customers` deferring to a copy of this target's own manifest given as prod: refused."""
     proj.dbt("compile")
     copied = proj.root / "dev-copy"
     copied.mkdir(exist_ok=True)
     shutil.copy(proj.target / "manifest.json", copied / "manifest.json")
-    result = proj.dbt("run", "-s", "customers", env={"DBT_DEFER": "1", "DBT_DEFER_PROD_STATE": "dev-copy"},
-                      expect=False)
+    return proj.dbt("run", "-s", "customers", env={"DBT_DEFER": "1", "DBT_DEFER_PROD_STATE": "dev-copy"},
+                    expect=False)
+
+
+def test_a_build_against_a_dev_manifest_given_as_prod_says_why_it_is_refused(proj):
+    result = run_against_own_manifest_as_prod(proj)
     [node_result] = result.node_results().values()
     assert str(node_result.status) == "error"
     assert "refusing to write model.dbt_defer_integration_tests.customers" in node_result.message
@@ -203,12 +208,7 @@ def test_commands_that_build_nothing_claim_no_savings(proj):
 
 
 def test_a_run_whose_every_node_was_refused_claims_no_savings(proj):
-    proj.dbt("compile")
-    copied = proj.root / "dev-copy"
-    copied.mkdir(exist_ok=True)
-    shutil.copy(proj.target / "manifest.json", copied / "manifest.json")
-    result = proj.dbt("run", "-s", "customers", env={"DBT_DEFER": "1", "DBT_DEFER_PROD_STATE": "dev-copy"},
-                      expect=False)
+    result = run_against_own_manifest_as_prod(proj)
     assert "refusing to write" in next(iter(result.node_results().values())).message
     assert "not rebuilt" not in summary_of(result)
 

@@ -16,7 +16,7 @@ import gc
 import re
 from urllib.parse import unquote
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 DEV = "dev"
 DEV_POLICIES = ("always", "modified", "never")
@@ -174,6 +174,17 @@ _ERROR_HEADER = re.compile(
     r"^((Database|Runtime|Compilation|Internal|Parsing|Dependency|Dbt\w*) ?Error( in .*)?|Encountered an error):?$",
     re.I,
 )
+
+
+def exception_chain(exc: BaseException, most: int = 6) -> List[BaseException]:
+    """``exc`` and the exceptions behind it (``__cause__``, else ``__context__``), at most ``most``:
+    fsspec and botocore wrap the error that tells what went wrong."""
+    seen: List[BaseException] = []
+    current: Optional[BaseException] = exc
+    while current is not None and len(seen) < most:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
 
 
 def one_line(error: Any, *, pick: str = "first", limit: Optional[int] = None) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from dbt_defer.config import exception_chain
 from dbt_defer.manifests import MANIFEST
 
 POINTER = "latest.json"
@@ -201,23 +202,14 @@ def exists(fs: Any, path: str) -> bool:
         return False
 
 
-def _exceptions(exc: BaseException) -> List[BaseException]:
-    seen: List[BaseException] = []
-    current: Optional[BaseException] = exc
-    while current is not None and len(seen) < 6:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 def _chain_text(exc: BaseException) -> str:
-    return " ".join(f"{type(e).__name__} {e}" for e in _exceptions(exc))
+    return " ".join(f"{type(e).__name__} {e}" for e in exception_chain(exc))
 
 
 def _precondition_failed(exc: BaseException) -> bool:
     """S3 refused a conditional PUT: 412 PreconditionFailed (If-Match), or 409
     ConditionalRequestConflict; s3fs turns an If-None-Match refusal into FileExistsError."""
-    for e in _exceptions(exc):
+    for e in exception_chain(exc):
         if isinstance(e, FileExistsError):
             return True
         response = getattr(e, "response", None)

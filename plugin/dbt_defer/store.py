@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from dbt_defer.config import MAX_STATE_MB_VAR, DeferConfigError, one_line, redact, uri_secrets
+from dbt_defer.config import MAX_STATE_MB_VAR, DeferConfigError, exception_chain, one_line, redact, uri_secrets
 from dbt_defer.config import max_state_bytes as config_max_state_bytes
 from dbt_defer.manifests import MANIFEST, ManifestError
 
@@ -217,18 +217,9 @@ def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, kinds) or "Timeout" in type(exc).__name__
 
 
-def _chain(exc: BaseException) -> list:
-    seen = []
-    current: Optional[BaseException] = exc
-    while current is not None and len(seen) < 6:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 def reason(exc: BaseException) -> str:
     """The most telling message in an exception chain (fsspec wraps connection errors)."""
-    seen = _chain(exc)
+    seen = exception_chain(exc)
     if isinstance(exc, FetchTimeout):
         return str(exc)
     if any(_is_timeout(e) for e in seen):
@@ -248,7 +239,7 @@ def clean_not_found(exc: BaseException) -> bool:
     """The store said plainly that the file is not there (404, no such key or file), and
     nothing else went wrong: fsspec's http(s) raises FileNotFoundError for any failed request
     (a 500, a 403, a refused connection), with the real error as its cause."""
-    seen = _chain(exc)
+    seen = exception_chain(exc)
     for e in seen:
         status = getattr(e, "status", None)
         code = str(((getattr(e, "response", None) or {}).get("Error") or {}).get("Code", "")) \

@@ -310,6 +310,44 @@ def test_a_ref_found_nowhere_is_recorded_missing(v2):
         child.unlink()
 
 
+def test_partial_parse_gives_the_full_parse_answer_across_edits_and_targets(v2):
+    """--partial-parse (the engine's own partial parse, one cache per rendered target) writes the
+    same merged state as a full parse: warm, after a model is added and an alias changed, and
+    across a --target switch (v2 alpha.4's cache alone does not notice the switch)."""
+    def both(*args: str) -> dict:
+        out = {}
+        for name, extra in (("full", ()), ("partial", ("--partial-parse",))):
+            done = v2.defer("state", *extra, *args, "--out", str(v2.tmp / f"state-{name}"))
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+            sidecar = json.loads((v2.tmp / f"state-{name}" / "dbt_defer_state.json").read_text())
+            merged = json.loads((v2.tmp / f"state-{name}" / "manifest.json").read_text())["nodes"]
+            out[name] = (sidecar["target"] if "target" in sidecar else sidecar["metadata"]["target"], sidecar["nodes"],
+                         {k: (n["database"], n["schema"], n.get("alias"), n.get("relation_name")) for k, n in merged.items()})
+        assert out["partial"] == out["full"]
+        return out["partial"][1]
+
+    caches = v2.target / "dbt_defer_parse"
+    shutil.rmtree(caches, ignore_errors=True)
+    both("-s", "customers")  # the cache is made
+    assert both("-s", "customers")[uid("stg_customers")]["env"] in ("dev", "staging")  # warm
+    new = v2.root / "models" / "marts" / "brand_new_partial.sql"
+    aliased = v2.root / "models" / "marts" / "orders.sql"
+    old = aliased.read_text()
+    new.write_text("select 1 as id\n")
+    aliased.write_text("{{ config(alias='orders_renamed') }}\n" + old)
+    try:
+        nodes = both("-s", "orders")
+        assert nodes[uid("brand_new_partial")]["env"] == "missing"
+        assert nodes[uid("orders")]["relation"] == '"wh"."dev"."orders_renamed"'  # selected: dev, renamed
+        staging = both("-s", "customers", "--target", "staging")
+        assert [n["env"] for k, n in staging.items() if k == uid("stg_customers")] == ["staging"]
+        both("-s", "customers")  # back to dev: dev's own cache, not staging's
+    finally:
+        new.unlink()
+        aliased.write_text(old)
+    assert len([p for p in caches.iterdir() if p.is_dir() and not p.name.endswith("never_defer")]) == 2
+
+
 # --- the three-way comparison --------------------------------------------------------------------
 
 

@@ -66,9 +66,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"] and argv[1:2] not in (["-h"], ["--help"]):
-        # dbt-defer run [--] <dbt arguments>: everything after 'run' is dbt's, as given
-        rest = argv[2:] if argv[1:2] == ["--"] else argv[1:]
-        args = argparse.Namespace(func=portable.cmd_run, dbt_args=rest)
+        # dbt-defer run [--partial-parse] [--] <dbt arguments>: everything after is dbt's, as given
+        rest = argv[1:]
+        partial = rest[:1] == ["--partial-parse"]
+        rest = rest[1:] if partial else rest
+        rest = rest[1:] if rest[:1] == ["--"] else rest
+        args = argparse.Namespace(func=portable.cmd_run, dbt_args=rest, partial_parse=partial)
     else:
         args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -71,6 +71,16 @@ class Engine:
     seconds: float = 0.0  # time spent in the engine's read-only calls (summed over concurrent calls)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def elsewhere(self, project_dir: str, profiles_dir: Optional[str]) -> "Engine":
+        """The same executable and target for another project folder (the listing project)."""
+        return Engine(list(self.command), project_dir, profiles_dir or self.profiles_dir, self.target, self.vars)
+
+    def absorb(self, other: "Engine") -> None:
+        """Count another Engine's calls and time as this one's (the sidecar reports them all)."""
+        with self._lock:
+            self.calls.extend(other.calls)
+            self.seconds += other.seconds
+
     def options(self, target_path: Optional[str] = None) -> List[str]:
         out = ["--project-dir", self.project_dir]
         if self.profiles_dir:
@@ -111,15 +121,16 @@ class Engine:
             )
         return done.stdout
 
-    def parse(self, target_path: str) -> None:
+    def parse(self, target_path: str, flags: Sequence[str] = ()) -> None:
         """``dbt parse`` into ``target_path`` (the project's manifest.json, as this engine renders it)."""
-        self._call(["parse"] + self.options(target_path))
+        self._call(["parse"] + self.options(target_path) + list(flags))
 
     def ls(self, target_path: str, select: Sequence[str], exclude: Sequence[str] = (),
-           selector: Optional[str] = None) -> List[str]:
+           selector: Optional[str] = None, flags: Sequence[str] = ()) -> List[str]:
         """The unique_ids ``dbt ls`` selects (every resource type); writes the project's
-        manifest.json into ``target_path`` as a side effect, as every dbt command does."""
-        args = ["ls", "--output", "json"] + self.options(target_path)
+        manifest.json into ``target_path`` as a side effect, as every dbt command does.
+        ``flags``: more engine options (``--partial-parse``)."""
+        args = ["ls", "--output", "json"] + self.options(target_path) + list(flags)
         if select:
             args += ["--select", *select]
         if exclude:
@@ -198,6 +209,17 @@ class Listing:
                 "this dbt-defer's version?"
             )
         return out
+
+    def add(self, other: "Listing") -> None:
+        """Another call's schemas (a later listing of the schemas this one did not ask for)."""
+        for key, found in other.relations.items():
+            self.relations.setdefault(key, set()).update(found)
+        self.listed |= other.listed
+
+    @property
+    def engine_major(self) -> Optional[int]:
+        head = str(self.target.get("dbt_version") or "").split(".")[0]
+        return int(head) if head.isdigit() else None
 
     def exists(self, location: Tuple[Optional[str], Optional[str], str], default_database: Optional[str]) -> bool:
         database, schema, identifier = location

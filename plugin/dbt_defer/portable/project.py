@@ -19,6 +19,9 @@ from dbt_defer.config import DeferConfig, DeferConfigError, truthy
 from dbt_defer.settings import load_config, overlay_settings
 
 
+PARTIAL_PARSE_VAR = "DBT_DEFER_PARTIAL_PARSE"
+
+
 class ProjectError(RuntimeError):
     """The project cannot be read; the message is the one line (exit 2)."""
 
@@ -56,7 +59,8 @@ class PortableContext:
 
     def __init__(self, *, project_dir: Optional[str] = None, profiles_dir: Optional[str] = None,
                  target: Optional[str] = None, vars: Optional[str] = None, target_path: Optional[str] = None,
-                 favor_state: bool = False, environ: Optional[Mapping[str, str]] = None) -> None:
+                 favor_state: bool = False, partial_parse: bool = False,
+                 environ: Optional[Mapping[str, str]] = None) -> None:
         environ = os.environ if environ is None else environ
         self.root = find_project_root(project_dir)
         path = os.path.join(self.root, "dbt_project.yml")
@@ -76,6 +80,8 @@ class PortableContext:
         self.target_given = target or environ.get("DBT_TARGET")
         self.target_name = self.target_given or self._default_target()
         self.favor_state = favor_state or truthy(environ.get("DBT_FAVOR_STATE"))
+        # opt-in: the engine's own partial parse (dbt Core v2), one cache per rendered target
+        self.partial_parse = partial_parse or truthy(environ.get(PARTIAL_PARSE_VAR))
         try:
             self.cfg: DeferConfig = load_config(
                 overlay_settings(self.project.get("vars"), self.cli_vars), environ, self.root,
@@ -85,7 +91,38 @@ class PortableContext:
         except DeferConfigError as exc:
             raise ProjectError(str(exc)) from None
 
-    def _profiles_file(self) -> Optional[str]:
+    def packages_folder(self) -> str:
+        raw = os.environ.get("DBT_PACKAGES_INSTALL_PATH") or self.project.get("packages-install-path") or "dbt_packages"
+        raw = str(raw)
+        return os.path.normpath(raw if os.path.isabs(raw) else os.path.join(self.root, raw))
+
+    def listing_project(self, folder: str) -> Optional[Tuple[str, Optional[str]]]:
+        """A one-macro dbt project in ``folder`` for the existence listing: this project's profile
+        and quoting, and the installed dbt_defer package's ``portable.sql`` (the same macro the
+        project would run). The engine parses it in a tenth of a second where the whole project
+        takes seconds. Returns (its folder, the profiles folder to pass), or None when the
+        package's macro cannot be found (then the project itself runs the listing)."""
+        if self.name == "dbt_defer":
+            return None
+        macro = os.path.join(self.packages_folder(), "dbt_defer", "macros", "dbt_defer", "portable.sql")
+        profile = self.project.get("profile")
+        if not os.path.isfile(macro) or not isinstance(profile, str) or not profile:
+            return None
+        os.makedirs(os.path.join(folder, "macros"), exist_ok=True)
+        import shutil
+        import yaml
+
+        shutil.copyfile(macro, os.path.join(folder, "macros", "portable.sql"))
+        spec: Dict[str, Any] = {"name": "dbt_defer", "version": "1.0", "config-version": 2, "profile": profile,
+                                "macro-paths": ["macros"]}
+        if isinstance(self.project.get("quoting"), dict):
+            spec["quoting"] = self.project["quoting"]
+        with open(os.path.join(folder, "dbt_project.yml"), "w", encoding="utf-8") as fh:
+            yaml.safe_dump(spec, fh, sort_keys=False)
+        found = self.profiles_file()
+        return folder, (self.profiles_dir or (os.path.dirname(found) if found else None))
+
+    def profiles_file(self) -> Optional[str]:
         for folder in (self.profiles_dir, self.root, os.path.expanduser("~/.dbt")):
             if folder and os.path.isfile(os.path.join(folder, "profiles.yml")):
                 return os.path.join(folder, "profiles.yml")
@@ -94,7 +131,7 @@ class PortableContext:
     def _default_target(self) -> Optional[str]:
         """The profile's default target when it is a plain name (no Jinja); else None: the
         engine's listing call reports the target it ran (``Listing.target``)."""
-        path = self._profiles_file()
+        path = self.profiles_file()
         if not path:
             return None
         try:

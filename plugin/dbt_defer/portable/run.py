@@ -170,13 +170,14 @@ def _invocation_id(target_path: str) -> Optional[str]:
 
 
 def run(argv: Sequence[str], warn: Callable[[str], None], say: Callable[[str], None],
-        command: Optional[List[str]] = None) -> int:
+        command: Optional[List[str]] = None, partial_parse: bool = False) -> int:
     dbt = parse_dbt_args(argv)
     command = command or engine_mod.executable()
     if dbt.command is None or dbt.command in PASS_THROUGH:
         return engine_mod.stream(command + list(argv), dict(os.environ), os.getcwd(), lambda line: True)
     ctx = PortableContext(project_dir=dbt.project_dir, profiles_dir=dbt.profiles_dir, target=dbt.target,
-                          vars=dbt.vars, target_path=dbt.target_path, favor_state=dbt.favor_state)
+                          vars=dbt.vars, target_path=dbt.target_path, favor_state=dbt.favor_state,
+                          partial_parse=partial_parse)
     eng = Engine(command, ctx.root, profiles_dir=dbt.profiles_dir, target=dbt.target, vars=dbt.vars)
     builds = dbt.command in BUILDING or ctx.cfg.compile_as == "build"
     result = compute(ctx, eng, select=dbt.select, exclude=dbt.exclude, selector=dbt.selector, builds=builds,

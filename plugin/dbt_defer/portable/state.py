@@ -18,6 +18,7 @@ Imports ``config``, ``manifests``, ``chain``, ``resolution``, ``guard``, ``audit
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import secrets
@@ -137,31 +138,59 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
         raise StateError(
             "dbt-defer: no environment is configured (vars: dbt_defer: environments, "
             "DBT_DEFER_<NAME>_STATE, or DBT_DEFER_STATE/DBT_STATE); nothing to defer to", 2)
-    # 1. the engine's read-only calls, at once when the running target is known (each parses
-    # the project): the project + selection, the never_defer selection, the existence listing
-    # (the environments' schemas from their manifests, dev's from the engine's own graph)
+    # 1. the engine's read-only calls, at once: the project + selection (a parse of the whole
+    # project), the never_defer selection (another), and the existence listing of the
+    # environments' schemas — in a one-macro project of its own (``listing_project``: a tenth
+    # of a second on dbt Core v2) when the installed package is found, else in the project.
     target = ctx.target_name
     own, specs = cfg.chain_for_target(target) if target else (None, cfg.environments)
-    envs = _load_chain(ctx, specs, warn) if target else []
     dirs = [os.path.join(scratch, name) for name in ("project", "never_defer", "listing")]
+    aux = ctx.listing_project(os.path.join(scratch, "listing-project"))
+    lister = engine.elsewhere(*aux) if aux else None
+    folder = os.path.abspath(out or os.path.join(ctx.target_path, STATE_FOLDER))
+
+    # --partial-parse (opt-in, dbt Core v2): the listing first (a tenth of a second), for the
+    # rendered target that keys the engine's parse cache; then the engine's partial parse
+    envs: List[chain.Environment] = []
+    listing: Optional[Listing] = None
+    parse_dir, flags, never_dir = dirs[0], (), dirs[1]
+    if ctx.partial_parse and lister is not None and target:
+        envs = _load_chain(ctx, specs, warn)
+        listing = lister.list_relations(_env_schemas(envs, None) | set(_last_dev_schemas(folder, target)), dirs[2])
+        if (listing.engine_major or 0) >= 2 and str(listing.target.get("name") or "") == target:
+            parse_dir = _parse_cache(ctx, engine, listing.target)
+            never_dir, flags = parse_dir + "-never_defer", ("--partial-parse",)
+        else:
+            listing, envs = None, []
 
     def project_call() -> FrozenSet[str]:
         if select or exclude or selector:
-            return frozenset(engine.ls(dirs[0], select, exclude, selector))
-        engine.parse(dirs[0])
+            return frozenset(engine.ls(parse_dir, select, exclude, selector, flags=flags))
+        engine.parse(parse_dir, flags=flags)
         return frozenset()
 
-    def listing_call() -> Listing:
-        return engine.list_relations(_env_schemas(envs, None), dirs[2], _extra(envs, None), dev_schemas=True)
+    def listing_call(envs, project, dev=()) -> Listing:
+        if lister is not None:
+            found = lister.list_relations(_env_schemas(envs, project) | set(dev), dirs[2])
+            if (found.engine_major or 0) >= 2:
+                return found
+            # dbt 1.x has no listing in Jinja: it probes the project's own names (below)
+        return engine.list_relations(_env_schemas(envs, project), dirs[2], _extra(envs, project), dev_schemas=True)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
         selected_f = pool.submit(project_call)
-        never_f = pool.submit(engine.ls, dirs[1], list(cfg.never_defer)) if cfg.never_defer else None
-        listing_f = pool.submit(listing_call) if target else None
+        never_f = pool.submit(engine.ls, never_dir, list(cfg.never_defer), flags=flags) if cfg.never_defer else None
+        listing_f = None
+        if listing is None and target:
+            # while the engine parses: the chain, then its schemas' listing (with the dev schemas
+            # the previous state of this target recorded, so that usually no second call is needed)
+            envs = _load_chain(ctx, specs, warn)
+            listing_f = pool.submit(listing_call, envs, None, _last_dev_schemas(folder, target))
         selected = selected_f.result()
         matched = never_f.result() if never_f is not None else []
-        listing = listing_f.result() if listing_f is not None else None
-    project = ProjectManifest.load(os.path.join(dirs[0], "manifest.json"))
+        if listing_f is not None:
+            listing = listing_f.result()
+    project = ProjectManifest.load(os.path.join(parse_dir, "manifest.json"))
     if ctx.name and project.metadata.project_name and project.metadata.project_name != ctx.name:
         raise StateError(f"dbt-defer: the engine parsed project {project.metadata.project_name!r}, not {ctx.name!r}")
     restricted = set(project.meta_restricted())
@@ -175,11 +204,16 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
     # 2. the target the engine ran (its name may be Jinja in profiles.yml): the chain for it
     if listing is None or str(listing.target.get("name") or "") != target:
         if listing is None:
-            listing = engine.list_relations([], dirs[2])
+            listing = (lister or engine).list_relations([], dirs[2])
         target = str(listing.target.get("name") or "")
         own, specs = cfg.chain_for_target(target)
         envs = _load_chain(ctx, specs, warn)
-        listing = engine.list_relations(_env_schemas(envs, project), dirs[2], _extra(envs, project), dev_schemas=True)
+        listing = listing_call(envs, project)
+    if lister is not None and (listing.engine_major or 0) >= 2:
+        # the dev relations (the project's own schemas, as the engine rendered them)
+        more = {pair for pair in _dev_schemas(project) if (pair[0].lower(), pair[1].lower()) not in listing.listed}
+        if more:
+            listing.add(lister.list_relations(more, dirs[2]))
     if own is not None:
         if not specs:
             warn(f"dbt-defer: target '{target}' builds environment '{own.name}', the last of the chain: "
@@ -188,8 +222,7 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
             warn(f"dbt-defer: target '{target}' builds environment '{own.name}': deferring to "
                  + ", ".join(e.name for e in envs))
     default_db = default_db or listing.target.get("database")
-    if str(listing.target.get("dbt_version") or "").split(".")[0].isdigit() and \
-            int(str(listing.target["dbt_version"]).split(".")[0]) >= 2:
+    if (listing.engine_major or 0) >= 2:
         # dbt Core v2 never defers a selected node (compile and show included): resolve as a build
         builds = True
 
@@ -202,9 +235,11 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
     choices = _choose(project, envs, selected, frozenset(restricted), cfg.dev_relations, exists, builds, target)
 
     # 5. row limits (SPEC §6): views in the running target's scratch schemas
-    folder = os.path.abspath(out or os.path.join(ctx.target_path, STATE_FOLDER))
     _check_folder(ctx, folder, envs)
-    _limit(ctx, engine, scratch, project, envs, choices, target, listing)
+    _limit(ctx, lister if lister is not None and (listing.engine_major or 0) >= 2 else engine, scratch, project,
+           envs, choices, target, listing)
+    if lister is not None:
+        engine.absorb(lister)
 
     # 6. the merged manifest and the sidecar
     _write(folder, project.path, envs, choices, project, target, selected, ctx, engine)
@@ -256,6 +291,42 @@ def views_of(choices: Dict[str, NodeChoice]) -> Dict[str, List[Optional[str]]]:
             key = f"{choice.view_location[0] or ''}.{choice.view_location[1] or ''}".lower()
             out[key] = [choice.location[0], choice.location[1]]
     return out
+
+
+PARSE_CACHE = "dbt_defer_parse"  # under the target path: the engine's partial-parse caches
+
+
+def _parse_cache(ctx: PortableContext, engine: Engine, target: Dict[str, Any]) -> str:
+    """The target path of the engine's partial-parse calls: one per engine, rendered target
+    (dbt Core v2 alpha.4's cache does not notice a --target switch or a changed env_var() in
+    profiles.yml, so each rendered target gets a cache of its own), --vars and profiles folder."""
+    key = json.dumps([engine.command, {k: target.get(k) for k in ("name", "type", "database", "schema")},
+                      ctx.vars_text, os.path.abspath(engine.profiles_dir or ctx.root)], sort_keys=True)
+    return os.path.join(ctx.target_path, PARSE_CACHE, hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def _dev_schemas(project: ProjectManifest) -> List[Tuple[str, str]]:
+    return sorted({(n.database or "", n.schema or "") for n in project.refable().values()})
+
+
+class _SidecarMeta(msgspec.Struct):
+    target: Optional[str] = None
+    dev_schemas: List[Tuple[str, str]] = msgspec.field(default_factory=list)
+
+
+class _Sidecar(msgspec.Struct):
+    metadata: _SidecarMeta = msgspec.field(default_factory=_SidecarMeta)
+
+
+def _last_dev_schemas(folder: str, target: Optional[str]) -> List[Tuple[str, str]]:
+    """The dev schemas the previous state of this target recorded (a guess, checked after the
+    parse: schemas it misses are listed then)."""
+    try:
+        with open(os.path.join(folder, SIDECAR), "rb") as fh:
+            meta = msgspec.json.decode(fh.read(), type=_Sidecar).metadata
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return []
+    return [tuple(p) for p in meta.dev_schemas] if meta.target == target else []
 
 
 def _env_nodes(envs, project):
@@ -379,7 +450,7 @@ def _write(folder, project_path, envs, choices, project, target, selected, ctx, 
     with gc_paused():
         with open(project_path, "rb") as fh:
             top = msgspec.json.decode(fh.read(), type=Dict[str, msgspec.Raw])
-        own_nodes = _raw_nodes(project_path)
+        own_nodes = msgspec.json.decode(top["nodes"], type=Dict[str, msgspec.Raw]) if "nodes" in top else {}
         env_nodes: Dict[str, Dict[str, msgspec.Raw]] = {}
         nodes: Dict[str, msgspec.Raw] = {}
         for uid, choice in choices.items():
@@ -410,13 +481,15 @@ def _write(folder, project_path, envs, choices, project, target, selected, ctx, 
             "dbt_defer_version": __version__, "generated_at": audit.now_iso(), "target": target,
             "project": ctx.name, "engine": " ".join(engine.command), "dev_relations": ctx.cfg.dev_relations,
             "engine_calls": len(engine.calls), "engine_seconds": round(engine.seconds, 3),
+            "dev_schemas": _dev_schemas(project),
         },
         "environments": [e.describe() for e in envs],
         "selected": sorted(selected),
         "nodes": {uid: c.as_dict() for uid, c in sorted(choices.items())},
     }
     replace_atomically(os.path.join(folder, "manifest.json"), data, name)
-    replace_atomically(os.path.join(folder, SIDECAR), (json.dumps(sidecar, indent=2) + "\n").encode(), name)
+    replace_atomically(os.path.join(folder, SIDECAR), msgspec.json.format(msgspec.json.encode(sidecar), indent=2) + b"\n",
+                       name)
 
 
 def read_sidecar(folder: str) -> Dict[str, Any]:

@@ -145,9 +145,12 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
     target = ctx.target_name
     own, specs = cfg.chain_for_target(target) if target else (None, cfg.environments)
     dirs = [os.path.join(scratch, name) for name in ("project", "never_defer", "listing")]
-    aux = ctx.listing_project(os.path.join(scratch, "listing-project"))
-    lister = engine.elsewhere(*aux) if aux else None
     folder = os.path.abspath(out or os.path.join(ctx.target_path, STATE_FOLDER))
+    last = _last_state(folder)
+    # dbt 1.x (as the previous state here found it) has no listing in Jinja: no listing project
+    known_1x = last.engine == " ".join(engine.command) and str(last.engine_dbt_version or "").startswith("1.")
+    aux = None if known_1x else ctx.listing_project(os.path.join(scratch, "listing-project"))
+    lister = engine.elsewhere(*aux) if aux else None
 
     # --partial-parse (opt-in, dbt Core v2): the listing first (a tenth of a second), for the
     # rendered target that keys the engine's parse cache; then the engine's partial parse
@@ -156,7 +159,7 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
     parse_dir, flags, never_dir = dirs[0], (), dirs[1]
     if ctx.partial_parse and lister is not None and target:
         envs = _load_chain(ctx, specs, warn)
-        listing = lister.list_relations(_env_schemas(envs, None) | set(_last_dev_schemas(folder, target)), dirs[2])
+        listing = lister.list_relations(_env_schemas(envs, None) | set(_last_dev_schemas(last, target)), dirs[2])
         if (listing.engine_major or 0) >= 2 and str(listing.target.get("name") or "") == target:
             parse_dir = _parse_cache(ctx, engine, listing.target)
             never_dir, flags = parse_dir + "-never_defer", ("--partial-parse",)
@@ -185,7 +188,7 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
             # while the engine parses: the chain, then its schemas' listing (with the dev schemas
             # the previous state of this target recorded, so that usually no second call is needed)
             envs = _load_chain(ctx, specs, warn)
-            listing_f = pool.submit(listing_call, envs, None, _last_dev_schemas(folder, target))
+            listing_f = pool.submit(listing_call, envs, None, _last_dev_schemas(last, target))
         selected = selected_f.result()
         matched = never_f.result() if never_f is not None else []
         if listing_f is not None:
@@ -242,7 +245,7 @@ def _compute(ctx, engine, scratch, select, exclude, selector, builds, store_fail
         engine.absorb(lister)
 
     # 6. the merged manifest and the sidecar
-    _write(folder, project.path, envs, choices, project, target, selected, ctx, engine)
+    _write(folder, project.path, envs, choices, project, target, selected, ctx, engine, listing)
     return StateResult(folder, target, choices, selected, envs, project, plain=own is not None and not envs,
                        engine_calls=len(engine.calls))
 
@@ -311,6 +314,8 @@ def _dev_schemas(project: ProjectManifest) -> List[Tuple[str, str]]:
 
 class _SidecarMeta(msgspec.Struct):
     target: Optional[str] = None
+    engine: Optional[str] = None
+    engine_dbt_version: Optional[str] = None
     dev_schemas: List[Tuple[str, str]] = msgspec.field(default_factory=list)
 
 
@@ -318,15 +323,18 @@ class _Sidecar(msgspec.Struct):
     metadata: _SidecarMeta = msgspec.field(default_factory=_SidecarMeta)
 
 
-def _last_dev_schemas(folder: str, target: Optional[str]) -> List[Tuple[str, str]]:
-    """The dev schemas the previous state of this target recorded (a guess, checked after the
-    parse: schemas it misses are listed then)."""
+def _last_state(folder: str) -> _SidecarMeta:
+    """What the previous state in ``folder`` recorded: its target's dev schemas (a guess, checked
+    after the parse: schemas it misses are listed then) and the engine's dbt version."""
     try:
         with open(os.path.join(folder, SIDECAR), "rb") as fh:
-            meta = msgspec.json.decode(fh.read(), type=_Sidecar).metadata
+            return msgspec.json.decode(fh.read(), type=_Sidecar).metadata
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-        return []
-    return [tuple(p) for p in meta.dev_schemas] if meta.target == target else []
+        return _SidecarMeta()
+
+
+def _last_dev_schemas(last: _SidecarMeta, target: Optional[str]) -> List[Tuple[str, str]]:
+    return [tuple(p) for p in last.dev_schemas] if last.target == target else []
 
 
 def _env_nodes(envs, project):
@@ -446,7 +454,7 @@ def _raw_nodes(path: str) -> Dict[str, msgspec.Raw]:
         return msgspec.json.decode(fh.read(), type=_Top).nodes
 
 
-def _write(folder, project_path, envs, choices, project, target, selected, ctx, engine) -> None:
+def _write(folder, project_path, envs, choices, project, target, selected, ctx, engine, listing) -> None:
     with gc_paused():
         with open(project_path, "rb") as fh:
             top = msgspec.json.decode(fh.read(), type=Dict[str, msgspec.Raw])
@@ -481,7 +489,7 @@ def _write(folder, project_path, envs, choices, project, target, selected, ctx, 
             "dbt_defer_version": __version__, "generated_at": audit.now_iso(), "target": target,
             "project": ctx.name, "engine": " ".join(engine.command), "dev_relations": ctx.cfg.dev_relations,
             "engine_calls": len(engine.calls), "engine_seconds": round(engine.seconds, 3),
-            "dev_schemas": _dev_schemas(project),
+            "engine_dbt_version": listing.target.get("dbt_version"), "dev_schemas": _dev_schemas(project),
         },
         "environments": [e.describe() for e in envs],
         "selected": sorted(selected),

@@ -22,8 +22,8 @@ import msgspec
 
 from dbt_defer.artifact_schema import DECODE_CONFIG, DECODE_MANIFEST, DECODE_METADATA_ONLY, DECODE_RESULTS
 from dbt_defer.config import gc_paused, one_line
-from dbt_defer.untrusted import (MANIFEST, ManifestError, limit_bytes, read_bounded, reject_nul, unsafe_name,
-                                 unusable_reason)
+from dbt_defer.untrusted import (MANIFEST, MAX_NAME_CHARS, PLAIN_NAME, ManifestError, limit_bytes, read_bounded,
+                                 reject_nul, unsafe_name, unusable_reason)
 
 RUN_RESULTS = "run_results.json"
 REFABLE = frozenset({"model", "seed", "snapshot"})
@@ -279,7 +279,10 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
             if names_ok is None:
                 names_ok = safe_schemas[(n.database, n.schema)] = (
                     unsafe_name(n.database) is None and unsafe_name(n.schema) is None)
-            if not names_ok or unsafe_name(n.alias or n.name) is not None:
+            identifier = n.alias or n.name
+            if not names_ok or not (  # unsafe_name's common case inline (every node of every manifest)
+                    isinstance(identifier, str) and len(identifier) <= MAX_NAME_CHARS
+                    and PLAIN_NAME.match(identifier) and "--" not in identifier) and unsafe_name(identifier) is not None:
                 line = unusable_reason(
                     path, uid, {"database": n.database, "schema": n.schema, "identifier": n.alias or n.name}
                 )
@@ -332,7 +335,7 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
         functions=functions,
         build_seconds=seconds,
         unusable=unusable,
-        packages=frozenset(n.package_name or uid.split(".")[1] for uid, n in parsed.nodes.items() if uid.count(".") >= 2),
+        packages=frozenset({n.package_name or uid.split(".")[1] for uid, n in parsed.nodes.items() if uid.count(".") >= 2}),
     )
 
 

@@ -31,7 +31,7 @@ _FORBIDDEN = {"'": "a single quote", '"': "a double quote", "`": "a backtick", "
               "\\": "a backslash"}
 _COMMENTS = ("--", "/*", "*/")
 # letters and digits of any script, _, $, space, dot, hyphen: none of them refused below
-_PLAIN = re.compile(r"[\w$ .\-]*\Z")
+PLAIN_NAME = re.compile(r"[\w$ .\-]*\Z")
 
 
 def unsafe_name(value: Any) -> Optional[str]:
@@ -47,7 +47,7 @@ def unsafe_name(value: Any) -> Optional[str]:
         return None
     if not isinstance(value, str):
         return f"is not a string ({type(value).__name__})"
-    if len(value) <= MAX_NAME_CHARS and _PLAIN.match(value) and "--" not in value:
+    if len(value) <= MAX_NAME_CHARS and PLAIN_NAME.match(value) and "--" not in value:
         return None  # the common case, decided in one regex (3 names × every node of every manifest)
     if len(value) > MAX_NAME_CHARS:
         return f"is {len(value)} characters long (at most {MAX_NAME_CHARS})"
@@ -147,8 +147,11 @@ def read_bounded(env_name: str, path: str, max_bytes: int, fix: str) -> bytes:
             os.set_blocking(fd, True)
         chunks = []
         remaining = max_bytes + 1
+        # the whole file in one read (a 24 MB manifest: no chunks to join), then any growth
+        size = min(remaining, st.st_size + 1) if st.st_size else 16 * 1024 * 1024
         while remaining > 0:
-            chunk = os.read(fd, min(remaining, 16 * 1024 * 1024))
+            chunk = os.read(fd, min(remaining, size))
+            size = 16 * 1024 * 1024
             if not chunk:
                 break
             chunks.append(chunk)

@@ -249,6 +249,13 @@ def this_target_warning(env: Any, manifest: Any, default_database: Optional[str]
     example = None
     nodes = manifest.nodes
     dd = default_database or ""
+    theirs = getattr(env.manifest, "schemas", None)
+    if theirs is not None:
+        # no schema of the environment is one of this target's: nothing to compare (the usual case)
+        theirs = {((d or dd).lower(), (s or "").lower()) for d, s in theirs}
+        if not any(((n.database or dd).lower(), (n.schema or "").lower()) in theirs for n in nodes.values()
+                   if n.resource_type == "model"):
+            return None
     for uid, env_node in env.manifest.nodes.items():
         if env_node.resource_type != "model" or env_node.materialized == "ephemeral":
             continue

@@ -84,6 +84,8 @@ class LoadedManifest:
     # snapshot, function) is not used: a database/schema/identifier that cannot be a SQL name
     unusable: Dict[str, str] = field(default_factory=dict)
     packages: FrozenSet[str] = frozenset()  # package names of the manifest's nodes
+    # (database, schema) of every refable, non-ephemeral node; None: not known (built elsewhere)
+    schemas: Optional[FrozenSet[Tuple[Optional[str], Optional[str]]]] = None
 
     def unusable_line(self, env_name: str, unique_id: str) -> str:
         """The one line saying why ``env_name``'s record of ``unique_id`` is not used."""
@@ -335,6 +337,7 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
         functions=functions,
         build_seconds=seconds,
         unusable=unusable,
+        schemas=frozenset(safe_schemas),
         packages=frozenset({n.package_name or uid.split(".")[1] for uid, n in parsed.nodes.items() if uid.count(".") >= 2}),
     )
 

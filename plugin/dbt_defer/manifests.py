@@ -22,7 +22,7 @@ import msgspec
 
 from dbt_defer.artifact_schema import DECODE_CONFIG, DECODE_MANIFEST, DECODE_METADATA_ONLY, DECODE_RESULTS
 from dbt_defer.config import gc_paused, one_line
-from dbt_defer.untrusted import (MANIFEST, MAX_NAME_CHARS, PLAIN_NAME, ManifestError, limit_bytes, read_bounded,
+from dbt_defer.untrusted import (MANIFEST, PLAIN_NAME, ManifestError, limit_bytes, read_bounded,
                                  reject_nul, unsafe_name, unusable_reason)
 
 RUN_RESULTS = "run_results.json"
@@ -282,9 +282,9 @@ def _read(env_name: str, path: str, results_path: Optional[str], is_compatible, 
                 names_ok = safe_schemas[(n.database, n.schema)] = (
                     unsafe_name(n.database) is None and unsafe_name(n.schema) is None)
             identifier = n.alias or n.name
-            if not names_ok or not (  # unsafe_name's common case inline (every node of every manifest)
-                    isinstance(identifier, str) and len(identifier) <= MAX_NAME_CHARS
-                    and PLAIN_NAME.match(identifier) and "--" not in identifier) and unsafe_name(identifier) is not None:
+            # unsafe_name's common case inline (every node of every manifest)
+            if not names_ok or not (isinstance(identifier, str) and PLAIN_NAME.match(identifier)) \
+                    and unsafe_name(identifier) is not None:
                 line = unusable_reason(
                     path, uid, {"database": n.database, "schema": n.schema, "identifier": n.alias or n.name}
                 )

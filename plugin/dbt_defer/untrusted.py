@@ -31,7 +31,8 @@ _FORBIDDEN = {"'": "a single quote", '"': "a double quote", "`": "a backtick", "
               "\\": "a backslash"}
 _COMMENTS = ("--", "/*", "*/")
 # letters and digits of any script, _, $, space, dot, hyphen: none of them refused below
-PLAIN_NAME = re.compile(r"[\w$ .\-]*\Z")
+# the common case of a safe name, whole: at most MAX_NAME_CHARS of those characters, no "--"
+PLAIN_NAME = re.compile(r"(?!.*--)[\w$ .\-]{0,%d}\Z" % MAX_NAME_CHARS)
 
 
 def unsafe_name(value: Any) -> Optional[str]:
@@ -47,7 +48,7 @@ def unsafe_name(value: Any) -> Optional[str]:
         return None
     if not isinstance(value, str):
         return f"is not a string ({type(value).__name__})"
-    if len(value) <= MAX_NAME_CHARS and PLAIN_NAME.match(value) and "--" not in value:
+    if PLAIN_NAME.match(value):
         return None  # the common case, decided in one regex (3 names × every node of every manifest)
     if len(value) > MAX_NAME_CHARS:
         return f"is {len(value)} characters long (at most {MAX_NAME_CHARS})"
